@@ -1,0 +1,9 @@
+"""hpchub's batchspawner: JupyterHub single-user servers as batch jobs.
+
+A successor to the `batchspawner` package with the same import name: the two must not be installed in
+the same environment.
+"""
+from . import api  # noqa: F401  (registers /hub/api/batchspawner)
+from .spawner import BatchSpawner, LocalBatchSpawner, SlurmSpawner
+
+__all__ = ["BatchSpawner", "LocalBatchSpawner", "SlurmSpawner"]

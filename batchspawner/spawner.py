@@ -1,0 +1,484 @@
+"""BatchSpawner: a JupyterHub Spawner that runs the single-user server as a batch job.
+
+It knows no scheduler syntax. It builds a scheduler-neutral `JobRequest`, renders the adapter's job
+template, submits through the adapter and follows the job until the server in it reports its port.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import sys
+import tempfile
+import uuid
+from typing import Any, AsyncIterator
+
+from jupyterhub.spawner import SpawnException, Spawner
+from traitlets import Float, Integer, List, Unicode, default, validate
+
+from job_templates import TemplateValueError, render_job_script
+from schedulers import (
+    Adapter,
+    JobRequest,
+    JobState,
+    JobStatus,
+    LocalRunner,
+    Runner,
+    SchedulerError,
+    SubmitRejected,
+    SudoRunner,
+    get_adapter,
+)
+
+from .request import parse_memory_mb, parse_walltime_s
+
+RUNNERS = {"local": LocalRunner, "sudo": SudoRunner}
+
+
+class BatchSpawner(Spawner):
+    """Runs `jupyterhub-singleuser` in a batch job. Subclasses choose the scheduler."""
+
+    scheduler = Unicode(
+        "slurm",
+        help="Scheduler adapter that submits, queries and cancels the jobs: slurm or local.",
+    ).tag(config=True)
+
+    runner = Unicode(
+        "auto",
+        help="""How scheduler commands run: 'sudo' runs them as the user (`sudo -n -u USER --`, without
+        passing the hub's environment), 'local' as the hub's own user. 'auto' picks 'sudo' when the hub
+        runs as root (jobs must never run as root) and 'local' otherwise.""",
+    ).tag(config=True)
+
+    @validate("runner")
+    def _validate_runner(self, proposal: dict) -> str:
+        if proposal["value"] not in ("auto", *RUNNERS):
+            raise ValueError(f"BatchSpawner.runner: {proposal['value']!r} is not one of auto, {', '.join(RUNNERS)}")
+        return proposal["value"]
+
+    command_timeout = Float(30.0, help="Seconds a scheduler command may take before it is killed.").tag(config=True)
+
+    job_template = Unicode(
+        "",
+        help="Job script template name (for example 'slurm.sh.j2'); empty uses the scheduler's own.",
+    ).tag(config=True)
+
+    job_template_dirs = List(
+        Unicode(),
+        help="Directories searched for job templates before the packaged ones, so admins can override "
+        "or extend them ({% extends 'slurm.sh.j2' %}).",
+    ).tag(config=True)
+
+    job_name = Unicode(
+        "jupyterhub-{username}",
+        help="Batch job name; {username} and {servername} are replaced.",
+    ).tag(config=True)
+
+    req_partition = Unicode("", help="Partition (queue) of the job; empty for the scheduler's default.").tag(config=True)
+    req_account = Unicode("", help="Account (project) the job is charged to; empty for the user's default.").tag(config=True)
+    req_qos = Unicode("", help="Quality of service; empty for the default.").tag(config=True)
+    req_reservation = Unicode("", help="Reservation to run in; empty for none.").tag(config=True)
+    req_constraint = Unicode("", help="Node features the job needs (Slurm --constraint); empty for none.").tag(config=True)
+    req_nprocs = Integer(1, min=1, help="CPU cores for the single-user server.").tag(config=True)
+    req_ngpus = Integer(0, min=0, help="GPUs for the single-user server.").tag(config=True)
+    req_memory = Unicode("", help="Memory, for example '4G' or '512M'; empty for the scheduler's default.").tag(config=True)
+    req_runtime = Unicode("01:00:00", help="Walltime in Slurm's forms (HH:MM:SS, D-HH:MM:SS, minutes).").tag(config=True)
+    req_prologue = List(
+        Unicode(),
+        help="Admin shell lines run in the job before the server starts (module loads, conda activate...).",
+    ).tag(config=True)
+    req_extra_directives = List(
+        Unicode(),
+        help="Admin-only scheduler directives added verbatim, one per entry, e.g. '--exclusive'.",
+    ).tag(config=True)
+
+    @validate("req_memory")
+    def _validate_memory(self, proposal: dict) -> str:
+        parse_memory_mb(proposal["value"])
+        return proposal["value"]
+
+    @validate("req_runtime")
+    def _validate_runtime(self, proposal: dict) -> str:
+        parse_walltime_s(proposal["value"])
+        return proposal["value"]
+
+    job_log_dir = Unicode(
+        "{home}/.hpchub/logs",
+        help="Directory, created as the user, for job output; {home} and {username} are replaced.",
+    ).tag(config=True)
+
+    batchspawner_singleuser_cmd = List(
+        Unicode(),
+        help="Wrapper that starts the server in the job: it picks a port, reports it to the hub and execs "
+        "the server command. Default: batchspawner-singleuser next to the hub's Python.",
+    ).tag(config=True)
+
+    @default("batchspawner_singleuser_cmd")
+    def _default_singleuser_cmd(self) -> list[str]:
+        beside_python = os.path.join(os.path.dirname(sys.executable), "batchspawner-singleuser")
+        return [beside_python if os.path.exists(beside_python) else "batchspawner-singleuser"]
+
+    startup_poll_interval = Float(
+        1.0,
+        help="Longest pause between checks of a starting job; checks begin at 0.1 s and back off to this.",
+    ).tag(config=True)
+
+    queue_timeout = Integer(
+        3600,
+        min=1,
+        help="Seconds a job may wait in the queue before the spawn is abandoned and the job cancelled.",
+    ).tag(config=True)
+
+    server_start_timeout = Integer(
+        300,
+        min=1,
+        help="Seconds from the job starting to its server reporting its port (imports on a shared "
+        "filesystem can be slow).",
+    ).tag(config=True)
+
+    stop_timeout = Float(10.0, help="Seconds stop() waits for the job to leave the queue.").tag(config=True)
+
+    log_tail_lines = Integer(40, min=0, help="Lines of the job's output shown when a job fails.").tag(config=True)
+
+    @default("start_timeout")
+    def _default_start_timeout(self) -> int:
+        # JupyterHub's own limit wraps the whole start(); the two limits above are the ones that decide.
+        return self.queue_timeout + self.server_start_timeout + 60
+
+    @default("ip")
+    def _default_ip(self) -> str:
+        return "0.0.0.0"
+
+    @default("env_keep")
+    def _default_env_keep(self) -> list[str]:
+        # the job's environment is the user's on the node, not the hub's
+        return []
+
+    job_id = Unicode("")
+    job_tag = Unicode("")
+    job_host = Unicode("")
+    job_port = Integer(0)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._port: asyncio.Future[int] | None = None
+        self._events: list[dict] = []
+        self._events_changed = asyncio.Event()
+
+    # -- state --------------------------------------------------------------------------------
+    def get_state(self) -> dict:
+        state = super().get_state()
+        if self.job_id:
+            state.update(job_id=self.job_id, job_tag=self.job_tag, job_host=self.job_host, job_port=self.job_port)
+        return state
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.job_id = state.get("job_id", "")
+        self.job_tag = state.get("job_tag", "")
+        self.job_host = state.get("job_host", "")
+        self.job_port = state.get("job_port", 0)
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self.job_id = self.job_tag = self.job_host = ""
+        self.job_port = 0
+
+    def _persist_state(self) -> None:
+        """Save the job id now: JupyterHub saves state only after start() returns, and a hub restart
+        while the job is queued would otherwise forget it."""
+        if self.orm_spawner is not None and self.user is not None:
+            self.orm_spawner.state = self.get_state()
+            self.user.db.commit()
+
+    # -- the pieces ---------------------------------------------------------------------------
+    def make_runner(self) -> Runner:
+        name = self.runner
+        if name == "auto":
+            name = "sudo" if os.geteuid() == 0 else "local"
+        return RUNNERS[name]()
+
+    def adapter_kwargs(self) -> dict:
+        """Extra keyword arguments for this scheduler's adapter."""
+        return {}
+
+    @property
+    def adapter(self) -> Adapter:
+        if getattr(self, "_adapter", None) is None:
+            adapter_class = get_adapter(self.scheduler)
+            self._adapter = adapter_class(self.make_runner(), command_timeout=self.command_timeout,
+                                          **self.adapter_kwargs())
+        return self._adapter
+
+    @property
+    def run_as(self) -> str | None:
+        """The Unix account jobs run as, or None when the runner runs everything as the hub's user."""
+        return self.user.name if self.adapter.runner.switches_user else None
+
+    async def user_home(self) -> str:
+        """Home directory of the account the job runs as (NSS can be LDAP: looked up off the loop)."""
+        account = self.run_as
+        entry = await asyncio.to_thread(pwd.getpwnam, account) if account else pwd.getpwuid(os.getuid())
+        return entry.pw_dir
+
+    def _format(self, template: str, home: str) -> str:
+        return template.format(home=home, username=self.user.name, servername=self.name or "")
+
+    async def build_request(self) -> JobRequest:
+        home = await self.user_home()
+        log_dir = self._format(self.job_log_dir, home)
+        return JobRequest(
+            name=self._format(self.job_name, home),
+            tag=self.job_tag,
+            cores=self.req_nprocs,
+            memory_mb=parse_memory_mb(self.req_memory),
+            gpus=self.req_ngpus,
+            walltime_s=parse_walltime_s(self.req_runtime),
+            partition=self.req_partition or None,
+            account=self.req_account or None,
+            qos=self.req_qos or None,
+            reservation=self.req_reservation or None,
+            constraint=self.req_constraint or None,
+            workdir=home,
+            output=os.path.join(log_dir, "jupyterhub-%j.log"),
+            env_setup=tuple(self.req_prologue),
+            extra_directives=tuple(self.req_extra_directives),
+        )
+
+    def render_script(self, request: JobRequest) -> str:
+        try:
+            return render_job_script(
+                self.job_template or self.adapter.template,
+                request,
+                user=self.user.name,
+                env=self.get_env(),
+                command=[*self.batchspawner_singleuser_cmd, *self.cmd, *self.get_args()],
+                template_dirs=self.job_template_dirs,
+            )
+        except TemplateValueError as err:
+            raise SpawnException(f"Cannot build the job script: {err}", reason="invalid-request") from err
+
+    def node_host(self, status: JobStatus) -> str:
+        """Where the hub connects to the server: the job's (first) node."""
+        if not status.nodes:
+            raise SpawnException(f"The scheduler reports job {self.job_id} running but names no node",
+                                 reason="no-node", status_code=500)
+        return status.nodes[0]
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> tuple[str, int]:
+        self.clear_job()
+        self.job_tag = uuid.uuid4().hex
+        self._port = asyncio.get_running_loop().create_future()
+        request = await self.build_request()
+        script = self.render_script(request)
+        await self._make_log_dir(os.path.dirname(request.output or ""))
+        try:
+            self.job_id = await self.adapter.submit(script, request, user=self.run_as)
+        except SubmitRejected as err:
+            raise SpawnException(f"The scheduler refused the job: {err.reason}", reason="submit-rejected") from err
+        except SchedulerError as err:
+            raise SpawnException(f"The scheduler could not be reached to submit the job: {err}",
+                                 reason="scheduler-unavailable", status_code=503) from err
+        self._persist_state()
+        self.log.info("Submitted job %s for %s", self.job_id, self._log_name)
+        self._event(f"Submitted batch job {self.job_id}", 10)
+        try:
+            status = await self._wait_until_running(request)
+            self.job_host = self.node_host(status)
+            self._event(f"Job {self.job_id} is running on {self.job_host}; starting JupyterLab", 50)
+            self.job_port = await self._wait_for_port(request)
+        except BaseException:
+            await self._cancel_quietly()
+            raise
+        self._persist_state()
+        self._event(f"Server in job {self.job_id} listens on {self.job_host}:{self.job_port}", 90)
+        return self.job_host, self.job_port
+
+    def clear_job(self) -> None:
+        self.job_id = self.job_tag = self.job_host = ""
+        self.job_port = 0
+        self._events = []
+
+    async def _make_log_dir(self, path: str) -> None:
+        if not path:
+            return
+        try:
+            result = await self.adapter.runner.run(["mkdir", "-p", "--", path], user=self.run_as,
+                                                   timeout=self.command_timeout)
+        except SchedulerError as err:
+            raise SpawnException(f"Cannot create the job log directory {path}: {err}", reason="log-dir") from err
+        if result.returncode != 0:
+            raise SpawnException(f"Cannot create the job log directory {path}: {result.stderr.strip()}",
+                                 reason="log-dir")
+
+    async def _job_status(self) -> JobStatus | None:
+        """This job's status, or None when the scheduler cannot say right now."""
+        try:
+            return (await self.adapter.query([self.job_id]))[self.job_id]
+        except SchedulerError as err:
+            self.log.warning("Cannot query job %s of %s: %s", self.job_id, self._log_name, err)
+            return None
+
+    async def _wait_until_running(self, request: JobRequest) -> JobStatus:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.queue_timeout
+        delay, last_reason = 0.1, None
+        while True:
+            status = await self._job_status()
+            if status is not None:
+                if status.state == JobState.RUNNING:
+                    return status
+                if status.state.is_terminal:
+                    await self._fail_ended_job(status, request)
+                if status.state == JobState.PENDING and status.reason != last_reason:
+                    last_reason = status.reason
+                    self._event(f"Job {self.job_id} is queued" + (f" ({status.reason})" if status.reason else ""), 20)
+            if loop.time() + delay > deadline:
+                raise SpawnException(
+                    f"Job {self.job_id} waited {self.queue_timeout} s in the queue without starting"
+                    + (f" (last reason: {last_reason})" if last_reason else "") + "; it was cancelled.",
+                    reason="queue-timeout",
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, self.startup_poll_interval)
+
+    async def _wait_for_port(self, request: JobRequest) -> int:
+        assert self._port is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.server_start_timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise SpawnException(
+                    f"The server in job {self.job_id} did not report its port within "
+                    f"{self.server_start_timeout} s; the job was cancelled.\n" + await self._log_tail(request),
+                    reason="server-start-timeout",
+                )
+            try:
+                return await asyncio.wait_for(asyncio.shield(self._port), min(remaining, self.startup_poll_interval))
+            except asyncio.TimeoutError:
+                status = await self._job_status()
+                if status is not None and status.state.is_terminal:
+                    await self._fail_ended_job(status, request)
+
+    def report_port(self, port: int) -> bool:
+        """Called by the hub API when the job reports its server's port; False if not expected now."""
+        if self._port is None or self._port.done():
+            return False
+        self._port.set_result(port)
+        return True
+
+    async def _fail_ended_job(self, status: JobStatus, request: JobRequest) -> None:
+        details = ", ".join(
+            part for part in (
+                status.native_state or status.state.value,
+                f"reason {status.reason}" if status.reason else "",
+                f"exit code {status.exit_code}" if status.exit_code is not None else "",
+            ) if part
+        )
+        raise SpawnException(
+            f"Job {self.job_id} ended before the server started ({details}).\n" + await self._log_tail(request),
+            reason="job-ended",
+        )
+
+    async def _log_tail(self, request: JobRequest) -> str:
+        if not request.output or not self.log_tail_lines:
+            return ""
+        path = request.output.replace("%j", self.job_id)
+        try:
+            result = await self.adapter.runner.run(["tail", "-n", str(self.log_tail_lines), "--", path],
+                                                   user=self.run_as, timeout=self.command_timeout)
+        except SchedulerError as err:
+            return f"(cannot read the job log {path}: {err})"
+        if result.returncode != 0:
+            return f"(cannot read the job log {path}: {result.stderr.strip()})"
+        return f"Last lines of {path}:\n{result.stdout.rstrip()}"
+
+    async def _cancel_quietly(self) -> None:
+        if not self.job_id:
+            return
+        try:
+            await self.adapter.cancel([self.job_id], user=self.run_as)
+        except SchedulerError as err:
+            self.log.error("Could not cancel job %s of %s: %s", self.job_id, self._log_name, err)
+
+    async def poll(self) -> int | None:
+        if not self.job_id:
+            return 0
+        status = await self._job_status()
+        if status is None or not status.state.is_terminal:
+            # unknown is not gone: a scheduler hiccup must not mark a running server stopped
+            return None
+        if status.exit_code is not None:
+            return status.exit_code
+        return 0 if status.state == JobState.COMPLETED else 1
+
+    async def stop(self, now: bool = False) -> None:
+        if not self.job_id:
+            return
+        await self.adapter.cancel([self.job_id], user=self.run_as)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stop_timeout
+        delay = 0.1
+        while loop.time() < deadline:
+            status = await self._job_status()
+            if status is not None and status.state.is_terminal:
+                self.log.info("Job %s of %s ended: %s", self.job_id, self._log_name, status.native_state)
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        self.log.warning("Job %s of %s still in the queue %s s after cancel", self.job_id, self._log_name,
+                         self.stop_timeout)
+
+    # -- progress -----------------------------------------------------------------------------
+    def _event(self, message: str, progress: int) -> None:
+        self._events.append({"progress": progress, "message": message})
+        self._events_changed.set()
+
+    async def progress(self) -> AsyncIterator[dict]:
+        sent = 0
+        while True:
+            while sent < len(self._events):
+                yield self._events[sent]
+                sent += 1
+            if not self._spawn_pending:
+                return
+            self._events_changed.clear()
+            try:
+                await asyncio.wait_for(self._events_changed.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+
+class SlurmSpawner(BatchSpawner):
+    """Single-user servers as Slurm jobs."""
+
+    @default("scheduler")
+    def _default_scheduler(self) -> str:
+        return "slurm"
+
+
+class LocalBatchSpawner(BatchSpawner):
+    """Single-user servers as local processes through hpchub's small built-in batch system (`localq`):
+    the same templates and lifecycle as a cluster, for a laptop or a demo."""
+
+    local_spool_dir = Unicode(
+        "",
+        help="Spool directory of the local batch system; empty: hpchub-localq-<hub uid> in the temp dir.",
+    ).tag(config=True)
+
+    @default("scheduler")
+    def _default_scheduler(self) -> str:
+        return "local"
+
+    @default("ip")
+    def _default_ip(self) -> str:
+        return "127.0.0.1"
+
+    def adapter_kwargs(self) -> dict:
+        spool = self.local_spool_dir or os.path.join(tempfile.gettempdir(), f"hpchub-localq-{os.getuid()}")
+        return {"spool_dir": spool}
+
+    def node_host(self, status: JobStatus) -> str:
+        return "127.0.0.1"

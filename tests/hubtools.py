@@ -1,0 +1,170 @@
+"""Run a real hpchub (JupyterHub + configurable-http-proxy) in a subprocess and drive it over HTTP like a
+browser: log in with the form and its _xsrf token, call the REST API with the session cookie."""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import requests
+
+T = TypeVar("T")
+HUB_BIN = Path(sys.executable).with_name("hpchub")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Hub:
+    url: str
+    workdir: Path
+    process: subprocess.Popen
+    log_path: Path
+    service_token: str
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def api(self, method: str, path: str, **kwargs) -> requests.Response:
+        headers = {"Authorization": f"token {self.service_token}"}
+        return requests.request(method, f"{self.url}/hub/api{path}", headers=headers, timeout=30, **kwargs)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            # the whole session: runuser does not always pass SIGTERM on to the hub it started
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+
+def hub_config(extra: str, *, port: int, service_token: str, data_dir: Path) -> str:
+    """A jupyterhub_config.py with its own ports and data dir, an admin service for the tests, plus `extra`."""
+    return f"""
+c = get_config()  # noqa
+c.JupyterHub.bind_url = "http://127.0.0.1:{port}"
+c.JupyterHub.hub_bind_url = "http://127.0.0.1:{free_port()}"
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{free_port()}"
+c.HpcHub.data_dir = {str(data_dir)!r}
+c.JupyterHub.cleanup_servers = True
+c.JupyterHub.services = [{{"name": "tester", "api_token": {service_token!r}}}]
+c.JupyterHub.load_roles = [{{
+    "name": "tester", "services": ["tester"],
+    "scopes": ["admin:users", "admin:servers", "admin:server_state", "list:users", "read:users", "access:servers"],
+}}]
+c.Spawner.default_url = "/lab"
+{extra}
+"""
+
+
+def start_hub(workdir: Path, extra_config: str | None, *, user: str | None = None, args: tuple[str, ...] = (),
+              env: dict[str, str] | None = None, timeout: float = 60) -> Hub:
+    """Start hpchub (as `user` via runuser when given) and wait until its API answers.
+
+    With `extra_config` it runs `hpchub -f config` on its own ports with an admin service for the tests;
+    with None it runs on the embedded default (no config file), plus `args`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    token = secrets.token_hex(32)
+    argv = [str(HUB_BIN), *args]
+    if extra_config is not None:
+        config = workdir / "jupyterhub_config.py"
+        config.write_text(hub_config(extra_config, port=port, service_token=token, data_dir=workdir / "data"))
+        argv += ["-f", str(config)]
+    else:
+        argv += [f"--port={port}", f"--JupyterHub.hub_bind_url=http://127.0.0.1:{free_port()}",
+                 f"--ConfigurableHTTPProxy.api_url=http://127.0.0.1:{free_port()}"]
+    if user:
+        for path in workdir.iterdir():
+            shutil.chown(path, user)
+        shutil.chown(workdir, user)
+        argv = ["runuser", "-u", user, "--", *argv]
+    log_path = workdir / "hub.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, cwd=workdir, stdout=subprocess.PIPE if extra_config is None else log,
+                                   stderr=log, env={**_hub_env(), **(env or {})}, start_new_session=True)
+    hub = Hub(f"http://127.0.0.1:{port}", workdir, process, log_path, token)
+
+    def api_up() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"hpchub exited with {process.returncode}:\n{hub.log()[-4000:]}")
+        try:
+            return requests.get(f"{hub.url}/hub/api/", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_for(api_up, timeout, "the hub's API")
+    except BaseException:
+        hub.stop()
+        raise
+    return hub
+
+
+def _hub_env() -> dict[str, str]:
+    keep = {k: v for k, v in os.environ.items() if k in ("LANG", "LC_ALL", "TZ")}
+    return {**keep, "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"}
+
+
+class Browser:
+    """A requests session that logs in and uses the hub the way the web pages do."""
+
+    def __init__(self, hub_url: str):
+        self.url = hub_url
+        self.session = requests.Session()
+
+    def login(self, username: str, password: str) -> None:
+        page = self.session.get(f"{self.url}/hub/login", timeout=10)
+        page.raise_for_status()
+        match = re.search(r'name="_xsrf" value="([^"]+)"', page.text)
+        assert match, "no _xsrf token on the login page"
+        response = self.session.post(
+            f"{self.url}/hub/login",
+            data={"username": username, "password": password, "_xsrf": match.group(1)},
+            allow_redirects=False, timeout=10,
+        )
+        assert response.status_code == 302, f"login as {username} failed: {response.status_code}"
+
+    def xsrf(self, path: str) -> str:
+        """The _xsrf cookie for `path` (the hub and each server set their own)."""
+        best = None
+        for cookie in self.session.cookies:
+            if cookie.name == "_xsrf" and path.startswith(cookie.path or "/"):
+                if best is None or len(cookie.path or "") > len(best.path or ""):
+                    best = cookie
+        assert best is not None, f"no _xsrf cookie for {path}"
+        return best.value
+
+    def api(self, method: str, path: str, **kwargs) -> requests.Response:
+        headers = {"X-XSRFToken": self.xsrf("/hub/")}
+        return self.session.request(method, f"{self.url}/hub/api{path}", headers=headers, timeout=60, **kwargs)
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return self.session.get(f"{self.url}{path}", timeout=60, **kwargs)

@@ -1,0 +1,249 @@
+"""The walking skeleton end to end: a real hpchub (JupyterHub + configurable-http-proxy) starts JupyterLab
+in a real batch job (Slurm, then the local batch system), reached through the proxy; stop cancels it."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import require_service
+from hubtools import Browser, Hub, start_hub, wait_for
+
+PASSWORD = "hpchub-test-password"
+LOGIN = f"""
+c.JupyterHub.authenticator_class = "shared-password"
+c.SharedPasswordAuthenticator.user_password = {PASSWORD!r}
+c.Authenticator.allowed_users = {{"alice", "bob"}}
+c.BatchSpawner.req_runtime = "00:10:00"
+c.BatchSpawner.req_memory = "500M"
+c.BatchSpawner.startup_poll_interval = 0.5
+"""
+ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED"}
+
+
+@pytest.fixture(scope="session")
+def proxy_installed() -> None:
+    require_service("configurable-http-proxy", shutil.which("configurable-http-proxy") is not None,
+                    "run scripts/setup-test-env.sh (npm install -g configurable-http-proxy)")
+
+
+@pytest.fixture
+def hub_factory(tmp_path: Path, proxy_installed: None):
+    hubs: list[Hub] = []
+
+    def make(extra: str, **kwargs) -> Hub:
+        hub = start_hub(tmp_path / f"hub{len(hubs)}", extra, **kwargs)
+        hubs.append(hub)
+        return hub
+
+    yield make
+    for hub in hubs:
+        hub.stop()
+
+
+def user_model(hub: Hub, user: str) -> dict:
+    response = hub.api("GET", f"/users/{user}")
+    response.raise_for_status()
+    return response.json()
+
+
+def spawn_until_ready(hub: Hub, browser: Browser, user: str, timeout: float = 180) -> dict:
+    """Start the user's default server as the user would; return the server model once ready."""
+    response = browser.api("POST", f"/users/{user}/server")
+    assert response.status_code in (201, 202), response.text
+
+    def ready() -> dict | None:
+        server = user_model(hub, user)["servers"].get("")
+        if server is None:
+            raise AssertionError(f"the spawn failed:\n{hub.log()[-3000:]}")
+        return server if server["ready"] else None
+
+    return wait_for(ready, timeout, f"{user}'s server to be ready", interval=0.25)
+
+
+def assert_reachable_through_proxy(browser: Browser, user: str) -> None:
+    lab = browser.get(f"/user/{user}/lab")  # OAuth with the hub happens in the redirects
+    assert lab.status_code == 200 and "JupyterLab" in lab.text, (lab.status_code, lab.url)
+    status = browser.get(f"/user/{user}/api/status")
+    assert status.status_code == 200, status.text
+    assert "started" in status.json()
+
+
+def singleuser_processes(uid: int) -> list[tuple[int, dict[str, str]]]:
+    """(pid, environment) of every jupyterhub-singleuser process of `uid` on this host."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            if not any(arg.endswith(b"jupyterhub-singleuser") for arg in cmdline):
+                continue
+            raw = (entry / "environ").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        env = dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+        found.append((int(entry.name), env))
+    return found
+
+
+def squeue_state(job_id: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=10)
+    return out.stdout.strip()
+
+
+def spawn_failure_message(hub: Hub, browser: Browser, user: str, timeout: float = 90) -> str:
+    """Start a server that must fail; return the message the user is shown."""
+    started = time.monotonic()
+    response = browser.api("POST", f"/users/{user}/server")
+    if response.status_code >= 400:
+        return response.json()["message"]
+    assert response.status_code == 202, response.text
+    # a slow failure is reported at the end of the progress stream the spawn page listens to
+    with browser.session.get(f"{hub.url}/hub/api/users/{user}/server/progress", stream=True, timeout=timeout,
+                             headers={"X-XSRFToken": browser.xsrf("/hub/")}) as stream:
+        for line in stream.iter_lines(decode_unicode=True):
+            if line.startswith("data:"):
+                event = json.loads(line[5:])
+                if event.get("failed"):
+                    return event["message"]
+            assert time.monotonic() - started < timeout, "no failure reported in time"
+    raise AssertionError("the progress stream ended without a failure")
+
+
+def test_slurm_server_runs_in_a_job_and_stop_cancels_it(hub_factory, slurm_cluster, test_users):
+    hub = hub_factory(LOGIN + 'c.JupyterHub.spawner_class = "slurm"\nc.SlurmSpawner.req_partition = "debug"\n')
+    browser = Browser(hub.url)
+    browser.login("alice", PASSWORD)
+    server = spawn_until_ready(hub, browser, "alice")
+    job_id = server["state"]["job_id"]
+    assert squeue_state(job_id) == "RUNNING"
+    assert_reachable_through_proxy(browser, "alice")
+
+    alice = Path("/home/alice").stat().st_uid
+    in_job = [pid for pid, env in singleuser_processes(alice) if env.get("SLURM_JOB_ID") == job_id]
+    assert in_job, f"no jupyterhub-singleuser of alice carries SLURM_JOB_ID={job_id}"
+    assert not [pid for pid, env in singleuser_processes(0) if env.get("SLURM_JOB_ID") == job_id], "ran as root"
+
+    stop_requested = time.monotonic()
+    assert browser.api("DELETE", "/users/alice/server").status_code in (202, 204)
+    wait_for(lambda: squeue_state(job_id) not in ACTIVE_SLURM_STATES, 10, f"job {job_id} to leave the queue", 0.1)
+    print(f"job {job_id} left the queue {time.monotonic() - stop_requested:.2f} s after the stop request")
+    wait_for(lambda: "" not in user_model(hub, "alice")["servers"], 30, "the hub to forget the server")
+
+
+@pytest.fixture
+def local_spool():
+    # under /tmp, not pytest's 0700 tmp dir: the jobs run as alice and create their job dirs here
+    parent = Path(tempfile.mkdtemp(prefix="hpchub-test-spool-"))
+    parent.chmod(0o755)
+    yield parent / "spool"
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_local_server_runs_in_a_local_job_as_the_user(hub_factory, local_spool, test_users):
+    hub = hub_factory(LOGIN + f'c.JupyterHub.spawner_class = "local"\nc.LocalBatchSpawner.local_spool_dir = {str(local_spool)!r}\n')
+    browser = Browser(hub.url)
+    browser.login("alice", PASSWORD)
+    server = spawn_until_ready(hub, browser, "alice")
+    job_id = server["state"]["job_id"]
+    assert_reachable_through_proxy(browser, "alice")
+
+    alice = Path("/home/alice").stat().st_uid
+    in_job = [pid for pid, env in singleuser_processes(alice) if env.get("LOCALQ_JOB_ID") == job_id]
+    assert in_job, f"no jupyterhub-singleuser of alice runs in local job {job_id}"
+
+    assert browser.api("DELETE", "/users/alice/server").status_code in (202, 204)
+    wait_for(lambda: not singleuser_processes(alice), 10, "alice's server process to end")
+
+
+FAILING = LOGIN + """
+c.JupyterHub.spawner_class = "slurm"
+
+def break_the_job(spawner):
+    if spawner.user.name == "alice":
+        spawner.req_prologue = ["echo 'hpchub-test: failing before the server starts' >&2", "exit 3"]
+    else:
+        spawner.req_partition = "no-such-partition"
+
+c.Spawner.pre_spawn_hook = break_the_job
+"""
+
+
+def test_a_job_that_fails_early_fails_the_spawn_with_the_reason(hub_factory, slurm_cluster, test_users):
+    hub = hub_factory(FAILING)
+    alice = Browser(hub.url)
+    alice.login("alice", PASSWORD)
+    started = time.monotonic()
+    message = spawn_failure_message(hub, alice, "alice")
+    assert "ended before the server started" in message and "exit code 3" in message, message
+    assert "hpchub-test: failing before the server starts" in message, "the log tail is missing: " + message
+    assert time.monotonic() - started < 60
+
+    bob = Browser(hub.url)
+    bob.login("bob", PASSWORD)
+    message = spawn_failure_message(hub, bob, "bob")
+    assert "refused the job" in message and "invalid partition" in message.lower(), message
+    for user in ("alice", "bob"):
+        assert "" not in user_model(hub, user)["servers"]
+
+
+def read_banner(hub: Hub, timeout: float = 30) -> dict[str, str]:
+    """The URL, user and password hpchub prints on stdout once it is up."""
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    assert hub.process.stdout is not None
+    fd, text = hub.process.stdout.fileno(), ""
+    while "password" not in found:
+        # os.read, not readline: a buffered reader can hold the banner while select sees nothing new
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"no banner within {timeout} s:\n{text}\n{hub.log()[-3000:]}"
+        chunk = os.read(fd, 65536).decode(errors="replace")
+        assert chunk, f"hpchub closed its stdout:\n{hub.log()[-3000:]}"
+        text += chunk
+        for key, pattern in (("url", r"hpchub is running at (\S+)"), ("user", r"log in as:\s+(\S+)"),
+                             ("password", r"password:\s+(\S+)")):
+            match = re.search(pattern, text)
+            if match:
+                found[key] = match.group(1)
+    return found
+
+
+def test_embedded_default_runs_without_config_as_an_ordinary_user(proxy_installed, test_users):
+    """What README's first command runs: no config file, no root, the local batch system, a demo login."""
+    workdir = Path(tempfile.mkdtemp(prefix="hpchub-test-demo-"))
+    workdir.chmod(0o755)
+    hub = start_hub(workdir / "hub", None, user="bob", env={"HPCHUB_DATA_DIR": str(workdir / "hub" / "data")})
+    try:
+        banner = read_banner(hub)
+        assert banner["url"].rstrip("/") == hub.url and banner["user"] == "demo"
+        assert banner["password"] not in hub.log(), "the password reached the log"
+
+        intruder = Browser(hub.url)
+        with pytest.raises(AssertionError, match="login as demo failed"):
+            intruder.login("demo", "not-the-password")
+
+        browser = Browser(hub.url)
+        browser.login("demo", banner["password"])
+        response = browser.api("POST", "/users/demo/server")
+        assert response.status_code in (201, 202), response.text
+        wait_for(lambda: browser.api("GET", "/users/demo").json()["servers"].get("", {}).get("ready"), 120,
+                 "the demo server to be ready", 0.25)
+        assert_reachable_through_proxy(browser, "demo")
+        bob = Path("/home/bob").stat().st_uid
+        assert any("LOCALQ_JOB_ID" in env for _, env in singleuser_processes(bob)), "no local job runs as bob"
+        assert browser.api("DELETE", "/users/demo/server").status_code in (202, 204)
+        wait_for(lambda: not singleuser_processes(bob), 10, "the demo server process to end")
+    finally:
+        hub.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,90 @@
+"""Job scripts: directives come only from the admin's template, user values only as data."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from jinja2.exceptions import SecurityError, UndefinedError
+
+from job_templates import TemplateValueError, dhms, hms, render_job_script
+from schedulers.base import JobRequest
+
+REQUEST = JobRequest(
+    name="jupyterhub-alice", tag="0123abcd", cores=4, memory_mb=2048, gpus=1, walltime_s=5400,
+    partition="debug", account="physics", workdir="/home/alice", output="/home/alice/.hpchub/logs/jupyterhub-%j.log",
+    env_setup=("module load python/3.11",), extra_directives=("--exclusive",),
+)
+ENV = {"JUPYTERHUB_API_TOKEN": "s3cret token", "JUPYTERHUB_USER": "alice", "ODD": "it's $(rm -rf ~) `x`"}
+COMMAND = ["/opt/hpchub/bin/batchspawner-singleuser", "jupyterhub-singleuser", "--arg=a b"]
+
+
+def render(template: str, request: JobRequest = REQUEST, **kwargs) -> str:
+    return render_job_script(template, request, user="alice", env=ENV, command=COMMAND, **kwargs)
+
+
+def test_slurm_directives_are_exactly_the_requested_ones():
+    script = render("slurm.sh.j2")
+    directives = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert directives == [
+        "#SBATCH --job-name=jupyterhub-alice", "#SBATCH --comment=0123abcd", "#SBATCH --nodes=1",
+        "#SBATCH --ntasks=1", "#SBATCH --cpus-per-task=4", "#SBATCH --mem=2048M", "#SBATCH --gres=gpu:1",
+        "#SBATCH --time=0-01:30:00", "#SBATCH --partition=debug", "#SBATCH --account=physics",
+        "#SBATCH --chdir=/home/alice", "#SBATCH --output=/home/alice/.hpchub/logs/jupyterhub-%j.log",
+        "#SBATCH --exclusive",
+    ]
+    assert script.startswith("#!/bin/bash\n")
+
+
+def test_local_directives():
+    script = render("local.sh.j2")
+    assert [line for line in script.splitlines() if line.startswith("#LOCALQ")] == [
+        "#LOCALQ --name=jupyterhub-alice", "#LOCALQ --time=5400", "#LOCALQ --chdir=/home/alice",
+        "#LOCALQ --output=/home/alice/.hpchub/logs/jupyterhub-%j.log",
+    ]
+
+
+def test_values_reach_the_shell_quoted(tmp_path):
+    """Run the script's body in bash (with exec replaced by printing argv) and compare what bash sees."""
+    script = render("slurm.sh.j2", REQUEST.__class__(**{**REQUEST.__dict__, "env_setup": ()}))
+    probe = script.replace("exec ", "printf '%s\\n' \"$JUPYTERHUB_API_TOKEN\" \"$ODD\" ", 1)
+    out = subprocess.run(["bash", "-c", probe.split("\n", 1)[1]], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[1:] == ["s3cret token", "it's $(rm -rf ~) `x`", *COMMAND]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("partition", "debug\n#SBATCH --qos=high"), ("account", "a b"), ("name", "x'y"), ("workdir", "/tmp/$(id)"),
+])
+def test_unsafe_directive_values_are_refused(field, value):
+    with pytest.raises(TemplateValueError):
+        render("slurm.sh.j2", REQUEST.__class__(**{**REQUEST.__dict__, field: value}))
+
+
+def test_admin_lines_must_be_single_lines():
+    with pytest.raises(TemplateValueError):
+        render("slurm.sh.j2", REQUEST.__class__(**{**REQUEST.__dict__, "extra_directives": ("--a\n--b",)}))
+
+
+def test_bad_env_name_is_refused():
+    with pytest.raises(TemplateValueError):
+        render_job_script("slurm.sh.j2", REQUEST, user="alice", env={"A=B": "x"}, command=["x"])
+
+
+def test_admin_template_dir_overrides_and_typos_fail(tmp_path):
+    (tmp_path / "site.sh.j2").write_text('{% extends "slurm.sh.j2" %}{% block setup %}module load site{% endblock %}\n')
+    assert "module load site" in render("site.sh.j2", template_dirs=[str(tmp_path)])
+    (tmp_path / "typo.sh.j2").write_text("#SBATCH --partition={{ request.partiton }}\n")
+    with pytest.raises(UndefinedError):
+        render("typo.sh.j2", template_dirs=[str(tmp_path)])
+
+
+def test_templates_are_sandboxed(tmp_path):
+    (tmp_path / "evil.sh.j2").write_text("{{ request.__class__.__init__.__globals__ }}\n")
+    with pytest.raises(SecurityError):
+        render("evil.sh.j2", template_dirs=[str(tmp_path)])
+
+
+def test_walltime_formats():
+    assert hms(5400) == "01:30:00" and hms(100 * 3600) == "100:00:00"
+    assert dhms(5400) == "0-01:30:00" and dhms(2 * 86400 + 61) == "2-00:01:01"

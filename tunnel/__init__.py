@@ -1,0 +1,1 @@
+"""SSH tunnel gateway and job-side client (issue 5)."""
