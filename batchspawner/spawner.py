@@ -268,6 +268,7 @@ class BatchSpawner(Spawner):
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
         self.clear_job()
+        self._refuse_root()
         self.job_tag = uuid.uuid4().hex
         self._port = asyncio.get_running_loop().create_future()
         request = await self.build_request()
@@ -294,6 +295,15 @@ class BatchSpawner(Spawner):
         self._persist_state()
         self._event(f"Server in job {self.job_id} listens on {self.job_host}:{self.job_port}", 90)
         return self.job_host, self.job_port
+
+    def _refuse_root(self) -> None:
+        runs_as_hub = self.run_as is None
+        if (runs_as_hub and os.geteuid() == 0) or self.run_as == "root":
+            raise SpawnException(
+                "hpchub does not run jobs as root: run the hub as an ordinary user, or keep "
+                "BatchSpawner.runner at 'auto' or 'sudo' so that jobs run as the logged-in user.",
+                reason="root-job", status_code=500,
+            )
 
     def clear_job(self) -> None:
         self.job_id = self.job_tag = self.job_host = ""

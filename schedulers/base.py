@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Iterable, Mapping, Sequence
 
 from .errors import CommandTimeout, SchedulerError, SchedulerUnavailable, SubmitRejected

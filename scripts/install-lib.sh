@@ -17,48 +17,15 @@ step() {
 }
 
 # --- apt ----------------------------------------------------------------------------------------
-POLICY=/usr/sbin/policy-rc.d
-POLICY_OURS=0
+# shellcheck source=docker/slurm-cluster/apt.sh
+source "$REPO/docker/slurm-cluster/apt.sh"
 TMPDIRS=()
 cleanup() {
-  if ((POLICY_OURS)); then rm -f "$POLICY"; fi
+  remove_policy
   ((${#TMPDIRS[@]} == 0)) || rm -rf "${TMPDIRS[@]}"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM   # so that the EXIT trap runs
-
-pkg_installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == 'install ok installed' ]]; }
-
-# apt_install PKG...: install the missing ones; `apt-get update` only when a package has no
-# candidate or the install fails; maintainer scripts may not start daemons (policy-rc.d).
-apt_install() {
-  local missing=() p updated=0
-  for p in "$@"; do pkg_installed "$p" || missing+=("$p"); done
-  ((${#missing[@]})) || { log "apt packages present"; return 0; }
-  log "apt-get install ${missing[*]}"
-  if [[ ! -e $POLICY ]]; then
-    printf '#!/bin/sh\n# hpchub setup-test-env.sh: no daemon starts from maintainer scripts\nexit 101\n' >"$POLICY"
-    chmod 755 "$POLICY"
-    POLICY_OURS=1
-  fi
-  local apt=(apt-get -y -q -o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef
-             -o Dpkg::Options::=--force-confold)
-  for p in "${missing[@]}"; do
-    if ! apt-cache policy "$p" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
-      timeout 600 "${apt[@]}" update >&2 || die "apt-get update failed"
-      updated=1
-      break
-    fi
-  done
-  if ! timeout 1200 "${apt[@]}" install --no-install-recommends "${missing[@]}" >&2; then
-    ((updated == 0)) || die "apt-get install ${missing[*]} failed"
-    log "apt-get install failed: updating the package lists and retrying"
-    timeout 600 "${apt[@]}" update >&2 || die "apt-get update failed"
-    timeout 1200 "${apt[@]}" install --no-install-recommends "${missing[@]}" >&2 \
-      || die "apt-get install ${missing[*]} failed"
-  fi
-  if ((POLICY_OURS)); then rm -f "$POLICY"; POLICY_OURS=0; fi
-}
 
 # install_apt PKG...: the given packages, plus nodejs and npm where node (or, for a missing proxy, npm) is missing
 install_apt() {
@@ -67,6 +34,7 @@ install_apt() {
   if command -v node >/dev/null && ! command -v npm >/dev/null && ! command -v configurable-http-proxy >/dev/null; then
     pkgs+=(npm)
   fi
+  if [[ -z $(apt_missing "${pkgs[@]}") ]]; then log "apt packages present"; return 0; fi
   apt_install "${pkgs[@]}"
 }
 

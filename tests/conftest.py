@@ -6,6 +6,8 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +56,13 @@ def _has_user(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory under /tmp that the test users can write to, e.g. for job output: commands and jobs
+    run as those users, and pytest's tmp_path is root's alone."""
+    path = Path(tempfile.mkdtemp(prefix="hpchub-test-", dir="/tmp"))
+    path.chmod(0o1777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -12,9 +12,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
 
 from conftest import require_service
+from helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = REPO / "docker" / "slurm-cluster"
@@ -27,21 +27,6 @@ PIDFILES = {
     "slurmctld": Path("/run/slurm/slurmctld.pid"),
     **{f"slurmd-{n}": Path(f"/run/slurm/slurmd-{n}.pid") for n in NODES},
 }
-
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
 
 def run(*argv: str, timeout: float = 30, **kwargs) -> subprocess.CompletedProcess[str]:
     """Run argv (no shell), output captured; stdin is empty unless `input` is given."""
@@ -141,7 +126,7 @@ def test_job_runs_as_alice_on_a_node(slurm_cluster, test_users):
             text = out_file.read_text() if out_file.exists() else ""
             return text if text.endswith("done\n") else ""
 
-        text = wait_for(finished, 60, f"the output of job {job_id}")
+        text = wait_for(finished, 60, f"the output of job {job_id}", interval=0.1)
         assert re.fullmatch(r"user=alice node=c[12] partition=debug\ndone\n", text), text
         assert out_file.stat().st_uid == alice.pw_uid
 
@@ -150,7 +135,7 @@ def test_job_runs_as_alice_on_a_node(slurm_cluster, test_users):
             state = re.search(r"JobState=(\S+)", info)
             return info if state and state.group(1) not in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING") else ""
 
-        info = wait_for(final_state, 30, f"job {job_id} to finish")
+        info = wait_for(final_state, 30, f"job {job_id} to finish", interval=0.1)
         assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info, info
         assert re.search(r"UserId=alice\(", info), info
         assert re.search(r"\bNodeList=c[12]\b", info), info

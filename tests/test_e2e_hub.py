@@ -7,6 +7,7 @@ import os
 import re
 import select
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_service
-from hubtools import Browser, Hub, start_hub, wait_for
+from hubtools import HUB_BIN, Browser, Hub, start_hub, wait_for
 
 PASSWORD = "hpchub-test-password"
 LOGIN = f"""
@@ -102,6 +103,12 @@ def squeue_state(job_id: str) -> str:
     return out.stdout.strip()
 
 
+def hpchub_status(hub: Hub, user: str) -> subprocess.CompletedProcess:
+    env = {"HPCHUB_URL": hub.url, "HPCHUB_API_TOKEN": hub.service_token, "PATH": "/usr/bin:/bin"}
+    return subprocess.run([str(HUB_BIN.with_name("hpchub-status")), user], env=env, capture_output=True,
+                          text=True, timeout=30)
+
+
 def spawn_failure_message(hub: Hub, browser: Browser, user: str, timeout: float = 90) -> str:
     """Start a server that must fail; return the message the user is shown."""
     started = time.monotonic()
@@ -135,11 +142,50 @@ def test_slurm_server_runs_in_a_job_and_stop_cancels_it(hub_factory, slurm_clust
     assert in_job, f"no jupyterhub-singleuser of alice carries SLURM_JOB_ID={job_id}"
     assert not [pid for pid, env in singleuser_processes(0) if env.get("SLURM_JOB_ID") == job_id], "ran as root"
 
+    status = hpchub_status(hub, "alice")
+    assert status.returncode == 0 and job_id in status.stdout, status
+
     stop_requested = time.monotonic()
     assert browser.api("DELETE", "/users/alice/server").status_code in (202, 204)
     wait_for(lambda: squeue_state(job_id) not in ACTIVE_SLURM_STATES, 10, f"job {job_id} to leave the queue", 0.1)
     print(f"job {job_id} left the queue {time.monotonic() - stop_requested:.2f} s after the stop request")
     wait_for(lambda: "" not in user_model(hub, "alice")["servers"], 30, "the hub to forget the server")
+    status = hpchub_status(hub, "alice")
+    assert status.returncode == 1 and "no servers" in status.stdout, status
+
+
+def saved_state(hub: Hub, user: str) -> dict:
+    """The spawner state in the hub's database, where a restarted hub would find it."""
+    with sqlite3.connect(hub.workdir / "data" / "jupyterhub.sqlite") as db:
+        rows = db.execute("SELECT spawners.state FROM spawners JOIN users ON users.id = spawners.user_id "
+                          "WHERE users.name = ? AND spawners.name = ''", (user,)).fetchall()
+    return json.loads(rows[0][0]) if rows and rows[0][0] else {}
+
+
+def test_job_id_is_saved_and_shown_while_the_job_waits(hub_factory, slurm_cluster, test_users):
+    hub = hub_factory(LOGIN + 'c.JupyterHub.spawner_class = "slurm"\n'
+                      'c.SlurmSpawner.req_extra_directives = ["--begin=now+120"]\n')
+    browser = Browser(hub.url)
+    browser.login("bob", PASSWORD)
+    assert browser.api("POST", "/users/bob/server").status_code == 202
+    job_id = wait_for(lambda: saved_state(hub, "bob").get("job_id"), 30, "the job id in the hub database")
+    wait_for(lambda: squeue_state(job_id) == "PENDING", 10, f"job {job_id} to be pending")
+
+    messages = []
+    with browser.session.get(f"{hub.url}/hub/api/users/bob/server/progress", stream=True, timeout=30,
+                             headers={"X-XSRFToken": browser.xsrf("/hub/")}) as stream:
+        for line in stream.iter_lines(decode_unicode=True):
+            if line.startswith("data:"):
+                messages.append(json.loads(line[5:])["message"])
+                if any("queued" in m for m in messages):
+                    break
+    assert f"Submitted batch job {job_id}" in messages
+    assert f"Job {job_id} is queued (BeginTime)" in messages
+
+    assert browser.api("DELETE", "/users/bob/server").status_code in (202, 204)
+    wait_for(lambda: squeue_state(job_id) not in ACTIVE_SLURM_STATES, 10, f"job {job_id} to leave the queue", 0.1)
+    wait_for(lambda: not user_model(hub, "bob")["pending"] and "" not in user_model(hub, "bob")["servers"], 30,
+             "the hub to forget the pending server")
 
 
 @pytest.fixture
@@ -196,6 +242,17 @@ def test_a_job_that_fails_early_fails_the_spawn_with_the_reason(hub_factory, slu
     assert "refused the job" in message and "invalid partition" in message.lower(), message
     for user in ("alice", "bob"):
         assert "" not in user_model(hub, user)["servers"]
+
+
+def test_jobs_never_run_as_root(hub_factory, slurm_cluster, test_users):
+    hub = hub_factory(LOGIN + 'c.JupyterHub.spawner_class = "slurm"\nc.BatchSpawner.runner = "local"\n')
+    browser = Browser(hub.url)
+    browser.login("alice", PASSWORD)
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=10).stdout
+    message = spawn_failure_message(hub, browser, "alice")
+    assert "does not run jobs as root" in message, message
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=10).stdout
+    assert after == before, "a job was submitted"
 
 
 def read_banner(hub: Hub, timeout: float = 30) -> dict[str, str]:

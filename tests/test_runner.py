@@ -4,39 +4,20 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from helpers import alive
 from schedulers import CommandTimeout, LocalRunner, SchedulerUnavailable, SudoRunner
 from schedulers.runner import SAFE_PATH
 
 SECRET = "hpchub-test-secret-d41d8cd98f00"
 
 
-@pytest.fixture
-def shared_dir():
-    """A directory under /tmp that the test users can write to (pytest's tmp_path is root's alone)."""
-    path = Path(tempfile.mkdtemp(prefix="hpchub-test-", dir="/tmp"))
-    path.chmod(0o1777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def env_of(stdout: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
-
-
-def alive(pid: int) -> bool:
-    """Running and not a zombie: kill -0 succeeds on zombies."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 async def wait_for_file(path: Path, timeout: float = 10.0) -> str:

@@ -12,39 +12,16 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence
+from typing import Callable
 
 import pytest
 
 import schedulers
-from schedulers import (CommandResult, JobRequest, JobState, JobStatus, LocalAdapter, LocalRunner, Runner,
-                        SchedulerUnavailable, SubmitRejected, SudoRunner)
+from helpers import CountingRunner, alive, wait_until
+from schedulers import (JobRequest, JobState, JobStatus, LocalAdapter, LocalRunner, SchedulerUnavailable,
+                        SubmitRejected, SudoRunner)
 
 REQUEST = JobRequest(name="hpchub-test", tag="hpchub-test")
-
-
-class CountingRunner(Runner):
-    """Records every command the adapter runs, to prove that many jobs cost one call."""
-
-    def __init__(self, inner: Runner):
-        self.inner = inner
-        self.calls: list[tuple[str, ...]] = []
-
-    async def run(self, argv: Sequence[str], *, user: str | None = None, stdin: str | None = None,
-                  timeout: float = 30.0) -> CommandResult:
-        self.calls.append(tuple(argv))
-        return await self.inner.run(argv, user=user, stdin=stdin, timeout=timeout)
-
-
-async def wait_until(check: Callable[[], Awaitable[dict[str, JobStatus]]],
-                     done: Callable[[dict[str, JobStatus]], bool], timeout: float = 30.0) -> dict[str, JobStatus]:
-    deadline = time.monotonic() + timeout
-    while True:
-        statuses = await check()
-        if done(statuses):
-            return statuses
-        assert time.monotonic() < deadline, f"no success within {timeout} s; last: {statuses}"
-        await asyncio.sleep(0.1)
 
 
 def ended(*ids: str) -> Callable[[dict[str, JobStatus]], bool]:
@@ -102,14 +79,6 @@ def job(directory: Path, body: str, *directives: str) -> str:
     lines = ["#!/bin/bash", "#LOCALQ --name=hpchub-test", f"#LOCALQ --output={directory}/localq-%j.out",
              f"#LOCALQ --chdir={directory}", *(f"#LOCALQ {d}" for d in directives), body]
     return "\n".join(lines) + "\n"
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 def test_spool_is_created_like_tmp(python, spool):

@@ -1,58 +1,22 @@
 """SlurmAdapter against the real test cluster (docker/slurm-cluster/cluster.sh): jobs run as alice."""
 from __future__ import annotations
 
-import asyncio
-import shutil
+import functools
 import subprocess
-import tempfile
-import time
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence
 
 import pytest
 
-from schedulers import (CommandResult, JobRequest, JobState, JobStatus, LocalRunner, Runner, SchedulerError,
-                        SchedulerUnavailable, SlurmAdapter, SubmitRejected, SudoRunner)
+import helpers
+from helpers import CountingRunner
+from schedulers import (JobRequest, JobState, JobStatus, LocalRunner, SchedulerError, SchedulerUnavailable,
+                        SlurmAdapter, SubmitRejected, SudoRunner)
 from schedulers.slurm import expand_nodes
 
 CONTROLLER_DOWN = "slurm_load_jobs error: Unable to contact slurm controller (connect failure)"
 REQUEST = JobRequest(name="hpchub-test", tag="hpchub-test")
-
-
-class CountingRunner(Runner):
-    """Records every command the adapter runs, to prove that many jobs cost one scheduler call."""
-
-    def __init__(self, inner: Runner):
-        self.inner = inner
-        self.calls: list[tuple[str, ...]] = []
-
-    async def run(self, argv: Sequence[str], *, user: str | None = None, stdin: str | None = None,
-                  timeout: float = 30.0) -> CommandResult:
-        self.calls.append(tuple(argv))
-        return await self.inner.run(argv, user=user, stdin=stdin, timeout=timeout)
-
-    def count(self, command: str) -> int:
-        return sum(1 for argv in self.calls if argv[0] == command)
-
-
-async def wait_until(check: Callable[[], Awaitable[dict[str, JobStatus]]],
-                     done: Callable[[dict[str, JobStatus]], bool], timeout: float = 60.0) -> dict[str, JobStatus]:
-    deadline = time.monotonic() + timeout
-    while True:
-        statuses = await check()
-        if done(statuses):
-            return statuses
-        assert time.monotonic() < deadline, f"no success within {timeout} s; last: {statuses}"
-        await asyncio.sleep(0.2)
-
-
-@pytest.fixture
-def shared_dir():
-    """Job output lives here: jobs run as the test users, and pytest's tmp_path is root's alone."""
-    path = Path(tempfile.mkdtemp(prefix="hpchub-test-", dir="/tmp"))
-    path.chmod(0o1777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+# Slurm schedules and reports on a coarser clock than localq: wait longer, poll less often
+wait_until = functools.partial(helpers.wait_until, timeout=60.0, interval=0.2)
 
 
 @pytest.fixture

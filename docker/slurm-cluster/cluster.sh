@@ -107,44 +107,10 @@ fail_with_logs() {
 }
 
 # --- packages -----------------------------------------------------------------------------------
-POLICY=/usr/sbin/policy-rc.d
-POLICY_OURS=0
-remove_policy() { if ((POLICY_OURS)); then rm -f "$POLICY"; POLICY_OURS=0; fi; }
+# shellcheck source=docker/slurm-cluster/apt.sh
+source "$HERE/apt.sh"
 trap remove_policy EXIT
 trap 'exit 130' INT TERM   # so that the EXIT trap runs
-
-pkg_installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == 'install ok installed' ]]; }
-
-# apt_install PKG...: install the missing ones; `apt-get update` only when a package has no
-# candidate or the install fails; maintainer scripts may not start daemons (policy-rc.d).
-apt_install() {
-  local missing=() p updated=0
-  for p in "$@"; do pkg_installed "$p" || missing+=("$p"); done
-  ((${#missing[@]})) || return 0
-  log "installing ${missing[*]}"
-  if [[ ! -e $POLICY ]]; then
-    printf '#!/bin/sh\n# hpchub cluster.sh: no daemon starts from maintainer scripts\nexit 101\n' >"$POLICY"
-    chmod 755 "$POLICY"
-    POLICY_OURS=1
-  fi
-  local apt=(apt-get -y -q -o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef
-             -o Dpkg::Options::=--force-confold)
-  for p in "${missing[@]}"; do
-    if ! apt-cache policy "$p" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
-      timeout 600 "${apt[@]}" update >&2 || die "apt-get update failed"
-      updated=1
-      break
-    fi
-  done
-  if ! timeout 1200 "${apt[@]}" install --no-install-recommends "${missing[@]}" >&2; then
-    ((updated == 0)) || die "apt-get install ${missing[*]} failed"
-    log "apt-get install failed: updating the package lists and retrying"
-    timeout 600 "${apt[@]}" update >&2 || die "apt-get update failed"
-    timeout 1200 "${apt[@]}" install --no-install-recommends "${missing[@]}" >&2 \
-      || die "apt-get install ${missing[*]} failed"
-  fi
-  remove_policy
-}
 
 # --- host, users, configuration -----------------------------------------------------------------
 valid_ipv4() {
