@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import re
 import sys
 import tempfile
 import uuid
@@ -19,6 +20,7 @@ from traitlets import Float, Integer, List, Unicode, default, validate
 from job_templates import TemplateValueError, render_job_script
 from schedulers import (
     Adapter,
+    InvalidRequest,
     JobRequest,
     JobState,
     JobStatus,
@@ -227,8 +229,15 @@ class BatchSpawner(Spawner):
     async def build_request(self) -> JobRequest:
         home = await self.user_home()
         log_dir = self._format(self.job_log_dir, home)
+        try:
+            return self._request(home, log_dir)
+        except InvalidRequest as err:
+            raise SpawnException(f"Cannot submit this job: {err}", reason="invalid-request") from err
+
+    def _request(self, home: str, log_dir: str) -> JobRequest:
         return JobRequest(
-            name=self._format(self.job_name, home),
+            # the name is only a label: characters a scheduler would refuse become '-'
+            name=re.sub(r"[^A-Za-z0-9_.+-]", "-", self._format(self.job_name, home)),
             tag=self.job_tag,
             cores=self.req_nprocs,
             memory_mb=parse_memory_mb(self.req_memory),

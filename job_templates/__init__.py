@@ -16,7 +16,7 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from schedulers.base import JobRequest
 
-_DIRECTIVE_VALUE = re.compile(r"[A-Za-z0-9_.:,=/%@+~-]+")
+_DIRECTIVE_VALUE = re.compile(r"[A-Za-z0-9_.:,=/%@+~&|()\[\]*-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 

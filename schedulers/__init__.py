@@ -1,15 +1,15 @@
 """Scheduler adapters (Slurm, the embedded localq) and the runners that execute their commands."""
 from __future__ import annotations
 
-from .base import (Adapter, CommandTimeout, JobRequest, JobState, JobStatus, SchedulerError, SchedulerUnavailable,
-                   SubmitRejected)
+from .base import (Adapter, CommandTimeout, InvalidRequest, JobRequest, JobState, JobStatus, SchedulerError,
+                   SchedulerUnavailable, SubmitRejected)
 from .local import LocalAdapter
 from .runner import CommandResult, LocalRunner, Runner, SudoRunner
 from .slurm import SlurmAdapter
 
 __all__ = [
-    "Adapter", "CommandResult", "CommandTimeout", "JobRequest", "JobState", "JobStatus", "LocalAdapter",
-    "LocalRunner", "Runner", "SchedulerError", "SchedulerUnavailable", "SlurmAdapter", "SubmitRejected",
+    "Adapter", "CommandResult", "CommandTimeout", "InvalidRequest", "JobRequest", "JobState", "JobStatus",
+    "LocalAdapter", "LocalRunner", "Runner", "SchedulerError", "SchedulerUnavailable", "SlurmAdapter", "SubmitRejected",
     "SudoRunner", "get_adapter",
 ]
 

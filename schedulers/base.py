@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import abc
 import enum
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, fields
+from datetime import datetime
 from typing import ClassVar, Iterable, Mapping, Sequence
 
 from .errors import CommandTimeout, SchedulerError, SchedulerUnavailable, SubmitRejected
 from .runner import CommandResult, Runner
 
 __all__ = [
-    "Adapter", "CommandResult", "CommandTimeout", "JobRequest", "JobState", "JobStatus", "Runner",
+    "Adapter", "CommandResult", "CommandTimeout", "InvalidRequest", "JobRequest", "JobState", "JobStatus", "Runner",
     "SchedulerError", "SchedulerUnavailable", "SubmitRejected",
 ]
 
@@ -38,9 +40,32 @@ class JobState(str, enum.Enum):
 _TERMINAL = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT}
 
 
+class InvalidRequest(ValueError):
+    """A request value that cannot go into a job script; names the field and what it allows."""
+
+    def __init__(self, field: str, value: object, allowed: str):
+        super().__init__(f"{field}: {value!r} is not allowed ({allowed})")
+        self.field = field
+
+
+# Values that reach directive lines: no white space, quotes, `$`, backticks, `#` or line breaks, so none
+# can end a directive, start another or expand in a shell.
+_WORD = (re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*"), "letters, digits and _.+- , starting with a letter or digit")
+_CONSTRAINT = (re.compile(r"[A-Za-z0-9_.:,&|()\[\]*+-]+"), "node features with the operators & | , : * () []")
+_PATH = (re.compile(r"/[A-Za-z0-9_.%@+~=/-]*"), "an absolute path of letters, digits and _.%@+~=/-")
+_VALIDATED = {
+    "name": _WORD, "tag": _WORD, "partition": _WORD, "account": _WORD, "qos": _WORD, "reservation": _WORD,
+    "constraint": _CONSTRAINT, "workdir": _PATH, "output": _PATH, "error": _PATH,
+}
+_AT_LEAST = {"cores": 1, "nodes": 1, "gpus": 0, "memory_mb": 1, "walltime_s": 1}
+
+
 @dataclass(frozen=True)
 class JobRequest:
-    """What a job needs, in no scheduler's syntax. Values are validated before they get here."""
+    """What a job needs, in no scheduler's syntax. Construction validates every value (InvalidRequest).
+
+    `env_setup` (shell lines run before the server) and `extra_directives` are the admin's: placed as
+    written, one line each."""
 
     name: str
     tag: str
@@ -60,6 +85,21 @@ class JobRequest:
     env_setup: tuple[str, ...] = ()
     extra_directives: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name in _VALIDATED and value is not None:
+                pattern, allowed = _VALIDATED[field.name]
+                if not isinstance(value, str) or not pattern.fullmatch(value):
+                    raise InvalidRequest(field.name, value, allowed)
+            elif field.name in _AT_LEAST and value is not None:
+                if not isinstance(value, int) or isinstance(value, bool) or value < _AT_LEAST[field.name]:
+                    raise InvalidRequest(field.name, value, f"a whole number >= {_AT_LEAST[field.name]}")
+            elif field.name in ("env_setup", "extra_directives"):
+                for line in value:
+                    if not isinstance(line, str) or any(c in line for c in "\r\n\0"):
+                        raise InvalidRequest(field.name, line, "one line of text per entry")
+
 
 @dataclass(frozen=True)
 class JobStatus:
@@ -69,6 +109,8 @@ class JobStatus:
     reason: str = ""
     nodes: tuple[str, ...] = ()
     exit_code: int | None = None
+    #: the scheduler's own estimate of when a pending job starts, where it gives one
+    estimated_start: datetime | None = None
 
 
 class Adapter(abc.ABC):
@@ -84,19 +126,43 @@ class Adapter(abc.ABC):
         self.command_timeout = command_timeout
 
     async def submit(self, script: str, request: JobRequest, *, user: str | None = None) -> str:
-        """Submit `script` (passed on stdin, never argv) and return the job id."""
-        result = await self._run(self.submit_argv(request), user=user, stdin=script)
-        self.check_submit(result)
+        """Submit `script` (passed on stdin, never argv) and return the job id.
+
+        When the answer is lost (timeout, scheduler unreachable) the job may exist all the same: it is
+        looked up by its tag, so that a caller's retry never submits it twice."""
+        try:
+            result = await self._run(self.submit_argv(request), user=user, stdin=script)
+            self.check_submit(result)
+        except SchedulerUnavailable:
+            found = await self.find_by_tag(request.tag)
+            if len(found) == 1:
+                return found[0]
+            raise
         return self.parse_submit(result.stdout)
 
     async def query(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
-        """Status of many jobs in one scheduler call. A job the scheduler does not report is UNKNOWN."""
+        """Status of many jobs in one scheduler call.
+
+        A job the scheduler does not report, or a query that failed, is UNKNOWN (with the reason):
+        only positive evidence makes a job gone."""
         ids = list(dict.fromkeys(job_ids))
         if not ids:
             return {}
-        result = await self._run(self.query_argv(ids))
-        statuses = self.parse_query(result, ids)
+        try:
+            result = await self._run(self.query_argv(ids))
+            statuses = self.parse_query(result, ids)
+        except SchedulerUnavailable as err:
+            reason = f"scheduler unavailable: {err.reason}"
+            return {i: JobStatus(i, JobState.UNKNOWN, reason=reason) for i in ids}
         return {i: statuses.get(i, JobStatus(i, JobState.UNKNOWN)) for i in ids}
+
+    async def find_by_tag(self, tag: str) -> list[str]:
+        """Ids of the jobs carrying `tag`; [] when the scheduler cannot be asked."""
+        try:
+            result = await self._run(self.tag_query_argv(tag))
+            return self.parse_tag_query(result, tag)
+        except SchedulerUnavailable:
+            return []
 
     async def cancel(self, job_ids: Iterable[str], *, user: str | None = None) -> None:
         """Cancel many jobs in one call. Cancelling a job that already ended is not an error."""
@@ -124,6 +190,13 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     def cancel_argv(self, job_ids: Sequence[str]) -> list[str]: ...
+
+    @abc.abstractmethod
+    def tag_query_argv(self, tag: str) -> list[str]:
+        """A command listing the jobs that carry `tag` (the template puts it in the job's name or comment)."""
+
+    @abc.abstractmethod
+    def parse_tag_query(self, result: CommandResult, tag: str) -> list[str]: ...
 
     def check_submit(self, result: CommandResult) -> None:
         """Raise SubmitRejected when the scheduler refused the job; SchedulerUnavailable when it was not asked."""

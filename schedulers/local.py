@@ -55,6 +55,14 @@ class LocalAdapter(Adapter):
             raise SchedulerError(f"localq submit printed no job id: {stdout!r}")
         return job_id
 
+    def tag_query_argv(self, tag: str) -> list[str]:
+        return self._localq("find", "--comment", tag)
+
+    def parse_tag_query(self, result: CommandResult, tag: str) -> list[str]:
+        if result.returncode != 0:
+            raise SchedulerUnavailable(f"localq find failed: {result.stderr.strip()}", result=result)
+        return result.stdout.split()
+
     def query_argv(self, job_ids: Sequence[str]) -> list[str]:
         return self._localq("query", "--", *job_ids)
 

@@ -33,7 +33,7 @@ import time
 from typing import Any, Sequence
 
 DIRECTIVE = "#LOCALQ"
-OPTIONS = ("name", "output", "chdir", "time")
+OPTIONS = ("name", "comment", "output", "chdir", "time")
 REJECTED = 2  # exit status of a submit refused for its script, not for a failure of localq
 TICK_S = 0.2
 # job.json without supervisor.json for this long: the submit died before its supervisor existed
@@ -89,7 +89,8 @@ def make_request(options: dict[str, str], *, home: str) -> dict[str, Any]:
             time_limit = 0
         if time_limit <= 0:
             raise Rejected(f"--time must be a positive number of seconds, not {options['time']!r}")
-    return {"name": options.get("name", "localq"), "chdir": chdir, "time_limit": time_limit,
+    return {"name": options.get("name", "localq"), "comment": options.get("comment", ""), "chdir": chdir,
+            "time_limit": time_limit,
             "output": os.path.join(chdir, options.get("output", "localq-%j.out"))}
 
 
@@ -240,6 +241,19 @@ def status(spool: str, job_id: str) -> dict[str, Any]:
     return dict(base, state=end["state"], reason=end["reason"], exit_code=end["exit_code"])
 
 
+def find(spool: str, comment: str) -> list[str]:
+    """Ids of the jobs submitted with `--comment=COMMENT`, oldest first."""
+    found = []
+    for name in sorted((n for n in os.listdir(spool) if _ID.fullmatch(n)), key=int):
+        try:
+            job = _read_json(os.path.join(spool, name), "job.json")
+        except (OSError, ValueError):
+            continue
+        if job is not None and job.get("comment") == comment:
+            found.append(name)
+    return found
+
+
 def cancel(spool: str, job_id: str) -> None:
     """Ask the supervisor to stop the job and TERM the job's group now; a finished job is left alone."""
     if not _ID.fullmatch(job_id):
@@ -311,18 +325,23 @@ def _write(path: str, text: str, mode: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="localq", description="A tiny batch system for one machine.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("submit", "query", "cancel"):
+    for name in ("submit", "query", "cancel", "find"):
         command = commands.add_parser(name)
         command.add_argument("--spool", required=True, help="the spool directory (mode 1777)")
         if name == "submit":
             command.add_argument("--grace", type=float, default=5.0,
                                  help="seconds between TERM and KILL when a job is cancelled or times out")
+        elif name == "find":
+            command.add_argument("--comment", required=True, help="list the jobs submitted with this comment")
         else:
             command.add_argument("ids", nargs="+", metavar="ID")
     args = parser.parse_args(argv)
     try:
         if args.command == "submit":
             print(submit(args.spool, sys.stdin.read(), args.grace))
+        elif args.command == "find":
+            for job_id in find(args.spool, args.comment):
+                print(job_id)
         elif args.command == "query":
             for job_id in args.ids:
                 print(json.dumps(status(args.spool, job_id)))

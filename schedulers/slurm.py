@@ -110,6 +110,16 @@ class SlurmAdapter(Adapter):
                 statuses[job_id] = self._status(job_id, state, reason, nodes, _exit_code(status))
         return statuses
 
+    def tag_query_argv(self, tag: str) -> list[str]:
+        # squeue cannot filter on the comment: one call lists every job's id and comment
+        return ["squeue", "--noheader", "--states=all", "--Format", f"JobID:{_SEP},Comment:{_SEP}"]
+
+    def parse_tag_query(self, result: CommandResult, tag: str) -> list[str]:
+        if result.returncode != 0:
+            raise SchedulerUnavailable(f"slurm: squeue failed: {result.stderr.strip()}", result=result)
+        return [fields[0] for fields in (line.split(_SEP) for line in result.stdout.splitlines())
+                if len(fields) == 3 and fields[1] == tag]
+
     def cancel_argv(self, job_ids: Sequence[str]) -> list[str]:
         bad = [i for i in job_ids if not _JOB_ID.fullmatch(i)]
         if bad:

@@ -6,8 +6,8 @@ import subprocess
 import pytest
 from jinja2.exceptions import SecurityError, UndefinedError
 
-from job_templates import TemplateValueError, dhms, hms, render_job_script
-from schedulers.base import JobRequest
+from job_templates import TemplateValueError, dhms, directive, hms, render_job_script
+from schedulers.base import InvalidRequest, JobRequest
 
 REQUEST = JobRequest(
     name="jupyterhub-alice", tag="0123abcd", cores=4, memory_mb=2048, gpus=1, walltime_s=5400,
@@ -38,7 +38,7 @@ def test_slurm_directives_are_exactly_the_requested_ones():
 def test_local_directives():
     script = render("local.sh.j2")
     assert [line for line in script.splitlines() if line.startswith("#LOCALQ")] == [
-        "#LOCALQ --name=jupyterhub-alice", "#LOCALQ --time=5400", "#LOCALQ --chdir=/home/alice",
+        "#LOCALQ --name=jupyterhub-alice", "#LOCALQ --comment=0123abcd", "#LOCALQ --time=5400", "#LOCALQ --chdir=/home/alice",
         "#LOCALQ --output=/home/alice/.hpchub/logs/jupyterhub-%j.log",
     ]
 
@@ -55,15 +55,21 @@ def test_values_reach_the_shell_quoted(tmp_path):
 
 @pytest.mark.parametrize("field,value", [
     ("partition", "debug\n#SBATCH --qos=high"), ("account", "a b"), ("name", "x'y"), ("workdir", "/tmp/$(id)"),
+    ("qos", "`id`"), ("reservation", '"r"'), ("constraint", "a\n#$ -l h=x"), ("output", "/tmp/x\n#PBS -q x"),
+    ("tag", "#SBATCH"), ("cores", 0), ("walltime_s", -5), ("extra_directives", ("--a\n--b",)),
+    ("env_setup", ("ok", "two\rlines")),
 ])
-def test_unsafe_directive_values_are_refused(field, value):
-    with pytest.raises(TemplateValueError):
-        render("slurm.sh.j2", REQUEST.__class__(**{**REQUEST.__dict__, field: value}))
+def test_unsafe_request_values_are_refused_naming_the_field(field, value):
+    with pytest.raises(InvalidRequest) as err:
+        JobRequest(**{**REQUEST.__dict__, field: value})
+    assert err.value.field == field and field in str(err.value)
 
 
-def test_admin_lines_must_be_single_lines():
+@pytest.mark.parametrize("value", ["a b", "x'y", "$(id)", "`id`", "a\nb", "#x", 'a"b', "a;b"])
+def test_the_directive_filter_refuses_what_validation_would(value):
+    """A second line of defence for admin templates that place values the request did not validate."""
     with pytest.raises(TemplateValueError):
-        render("slurm.sh.j2", REQUEST.__class__(**{**REQUEST.__dict__, "extra_directives": ("--a\n--b",)}))
+        directive(value)
 
 
 def test_bad_env_name_is_refused():

@@ -250,5 +250,5 @@ async def test_a_spool_the_user_cannot_reach_is_unavailable(python, world, spool
 @pytest.mark.asyncio
 async def test_missing_python_is_unavailable(spool):
     adapter = LocalAdapter(LocalRunner(), spool_dir=spool, python="/nonexistent/python")
-    with pytest.raises(SchedulerUnavailable, match="/nonexistent/python"):
-        await adapter.query(["1"])
+    status = (await adapter.query(["1"]))["1"]
+    assert status.state == JobState.UNKNOWN and "/nonexistent/python" in status.reason
