@@ -32,6 +32,7 @@ from schedulers import (
     get_adapter,
 )
 
+from .poller import JobPoller, shared_poller
 from .request import parse_memory_mb, parse_walltime_s
 
 RUNNERS = {"local": LocalRunner, "sudo": SudoRunner}
@@ -120,10 +121,21 @@ class BatchSpawner(Spawner):
         beside_python = os.path.join(os.path.dirname(sys.executable), "batchspawner-singleuser")
         return [beside_python if os.path.exists(beside_python) else "batchspawner-singleuser"]
 
-    startup_poll_interval = Float(
-        1.0,
-        help="Longest pause between checks of a starting job; checks begin at 0.1 s and back off to this.",
+    job_poll_interval = Float(
+        30.0,
+        min=1.0,
+        help="Seconds between the scheduler queries for running jobs. One query covers every job of the "
+        "scheduler (all users), so this is the load the hub puts on it.",
     ).tag(config=True)
+
+    job_poll_fast_first = Float(
+        0.5,
+        min=0.05,
+        help="First check of a new job, in seconds; checks of new and pending jobs double from here up to "
+        "job_poll_fast_max.",
+    ).tag(config=True)
+
+    job_poll_fast_max = Float(10.0, min=0.1, help="Longest pause between checks of a pending job.").tag(config=True)
 
     queue_timeout = Integer(
         3600,
@@ -300,6 +312,7 @@ class BatchSpawner(Spawner):
             self.job_port = await self._wait_for_port(request)
         except BaseException:
             await self._cancel_quietly()
+            self.poller.untrack(self.job_id)
             raise
         self._persist_state()
         self._event(f"Server in job {self.job_id} listens on {self.job_host}:{self.job_port}", 90)
@@ -331,42 +344,42 @@ class BatchSpawner(Spawner):
             raise SpawnException(f"Cannot create the job log directory {path}: {result.stderr.strip()}",
                                  reason="log-dir")
 
-    async def _job_status(self) -> JobStatus | None:
-        """This job's status, or None when the scheduler cannot say right now."""
-        try:
-            return (await self.adapter.query([self.job_id]))[self.job_id]
-        except SchedulerError as err:
-            self.log.warning("Cannot query job %s of %s: %s", self.job_id, self._log_name, err)
-            return None
+    @property
+    def poller(self) -> JobPoller:
+        """The hub-wide poller of this scheduler, shared with every other server's spawner."""
+        runner = self.adapter.runner
+        key = (self.scheduler, type(runner), tuple(sorted(self.adapter_kwargs().items())))
+        return shared_poller(key, lambda: JobPoller(
+            self.adapter, interval=self.job_poll_interval, fast_first=self.job_poll_fast_first,
+            fast_max=self.job_poll_fast_max,
+        ))
 
     async def _wait_until_running(self, request: JobRequest) -> JobStatus:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.queue_timeout
-        delay, last_reason = 0.1, None
+        last_reason = None
         while True:
-            status = await self._job_status()
-            if status is not None:
-                if status.state == JobState.RUNNING:
-                    return status
-                if status.state.is_terminal:
-                    await self._fail_ended_job(status, request)
-                if status.state == JobState.PENDING and status.reason != last_reason:
-                    last_reason = status.reason
-                    self._event(f"Job {self.job_id} is queued" + (f" ({status.reason})" if status.reason else ""), 20)
-            if loop.time() + delay > deadline:
+            try:
+                status = await asyncio.wait_for(self.poller.next_update(self.job_id), deadline - loop.time())
+            except asyncio.TimeoutError:
                 raise SpawnException(
                     f"Job {self.job_id} waited {self.queue_timeout} s in the queue without starting"
                     + (f" (last reason: {last_reason})" if last_reason else "") + "; it was cancelled.",
                     reason="queue-timeout",
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, self.startup_poll_interval)
+                ) from None
+            if status.state == JobState.RUNNING:
+                return status
+            if status.state.is_terminal:
+                await self._fail_ended_job(status, request)
+            if status.state == JobState.PENDING and status.reason != last_reason:
+                last_reason = status.reason
+                self._event(f"Job {self.job_id} is queued" + (f" ({status.reason})" if status.reason else ""), 20)
 
     async def _wait_for_port(self, request: JobRequest) -> int:
         assert self._port is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.server_start_timeout
-        while True:
+        while not self._port.done():
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise SpawnException(
@@ -374,12 +387,12 @@ class BatchSpawner(Spawner):
                     f"{self.server_start_timeout} s; the job was cancelled.\n" + await self._log_tail(request),
                     reason="server-start-timeout",
                 )
-            try:
-                return await asyncio.wait_for(asyncio.shield(self._port), min(remaining, self.startup_poll_interval))
-            except asyncio.TimeoutError:
-                status = await self._job_status()
-                if status is not None and status.state.is_terminal:
-                    await self._fail_ended_job(status, request)
+            update = asyncio.ensure_future(self.poller.next_update(self.job_id))
+            await asyncio.wait([self._port, update], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            if update.done() and update.result().state.is_terminal and not self._port.done():
+                await self._fail_ended_job(update.result(), request)
+            update.cancel()
+        return self._port.result()
 
     def report_port(self, port: int) -> bool:
         """Called by the hub API when the job reports its server's port; False if not expected now."""
@@ -425,10 +438,11 @@ class BatchSpawner(Spawner):
     async def poll(self) -> int | None:
         if not self.job_id:
             return 0
-        status = await self._job_status()
-        if status is None or not status.state.is_terminal:
+        status = await self.poller.refresh(self.job_id)
+        if not status.state.is_terminal:
             # unknown is not gone: a scheduler hiccup must not mark a running server stopped
             return None
+        self.poller.untrack(self.job_id)
         if status.exit_code is not None:
             return status.exit_code
         return 0 if status.state == JobState.COMPLETED else 1
@@ -437,18 +451,20 @@ class BatchSpawner(Spawner):
         if not self.job_id:
             return
         await self.adapter.cancel([self.job_id], user=self.run_as)
+        self.poller.hurry(self.job_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.stop_timeout
-        delay = 0.1
-        while loop.time() < deadline:
-            status = await self._job_status()
-            if status is not None and status.state.is_terminal:
-                self.log.info("Job %s of %s ended: %s", self.job_id, self._log_name, status.native_state)
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
-        self.log.warning("Job %s of %s still in the queue %s s after cancel", self.job_id, self._log_name,
-                         self.stop_timeout)
+        try:
+            while True:
+                status = await asyncio.wait_for(self.poller.next_update(self.job_id), deadline - loop.time())
+                if status.state.is_terminal:
+                    self.log.info("Job %s of %s ended: %s", self.job_id, self._log_name, status.native_state)
+                    return
+        except asyncio.TimeoutError:
+            self.log.warning("Job %s of %s still in the queue %s s after cancel", self.job_id, self._log_name,
+                             self.stop_timeout)
+        finally:
+            self.poller.untrack(self.job_id)
 
     # -- progress -----------------------------------------------------------------------------
     def _event(self, message: str, progress: int) -> None:

@@ -25,7 +25,6 @@ c.SharedPasswordAuthenticator.user_password = {PASSWORD!r}
 c.Authenticator.allowed_users = {{"alice", "bob"}}
 c.BatchSpawner.req_runtime = "00:10:00"
 c.BatchSpawner.req_memory = "500M"
-c.BatchSpawner.startup_poll_interval = 0.5
 """
 ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED"}
 

@@ -1,0 +1,125 @@
+"""The shared poller: however many jobs it follows, one scheduler query per tick (real localq jobs)."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from batchspawner.poller import JobPoller, shared_poller
+from helpers import CountingRunner
+from schedulers import JobRequest, JobState, LocalAdapter, LocalRunner
+
+N_JOBS = 20
+
+
+@pytest.fixture
+def spool():
+    parent = Path(tempfile.mkdtemp(prefix="hpchub-test-poller-"))
+    yield parent / "spool"
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.fixture
+def counting(spool: Path) -> tuple[LocalAdapter, CountingRunner]:
+    runner = CountingRunner(LocalRunner())
+    return LocalAdapter(runner, spool_dir=spool, python=sys.executable, kill_grace_s=1), runner
+
+
+async def submit(adapter: LocalAdapter, spool: Path, body: str, n: int) -> list[str]:
+    script = f"#!/bin/bash\n#LOCALQ --name=hpchub-test\n#LOCALQ --chdir={spool}\n{body}\n"
+    return [await adapter.submit(script, JobRequest(name="hpchub-test", tag=f"poller-{i}")) for i in range(n)]
+
+
+def queries(runner: CountingRunner) -> int:
+    return sum(1 for argv in runner.calls if "query" in argv)
+
+
+@pytest.mark.asyncio
+async def test_many_jobs_one_query_per_tick(counting, spool):
+    adapter, runner = counting
+    ids = await submit(adapter, spool, "sleep 60", N_JOBS)
+    poller = JobPoller(adapter, interval=0.5, fast_first=0.05, fast_max=0.2, jitter=0.1)
+    try:
+        # every spawner asks at once, as JupyterHub does for all servers at a hub restart
+        statuses = await asyncio.gather(*(poller.refresh(i) for i in ids))
+        assert {s.job_id for s in statuses} == set(ids)
+        assert poller.queries == queries(runner) == 1
+        assert all(s.state in (JobState.PENDING, JobState.RUNNING) for s in statuses)
+
+        for _ in range(3):
+            await poller.next_update(ids[0])
+        assert poller.queries == queries(runner) == 4
+        assert all(len([a for a in argv if a.isdigit()]) == N_JOBS for argv in runner.calls if "query" in argv)
+
+        # fresh enough: served from the last tick, no new query
+        await asyncio.gather(*(poller.refresh(i) for i in ids))
+        assert poller.queries == 4
+    finally:
+        await adapter.cancel(ids)
+        for i in ids:
+            poller.untrack(i)
+
+
+@pytest.mark.asyncio
+async def test_pending_jobs_back_off_and_running_jobs_wait_the_interval(counting, spool):
+    adapter, runner = counting
+    [job] = await submit(adapter, spool, "sleep 60", 1)
+    poller = JobPoller(adapter, interval=3.0, fast_first=0.1, fast_max=0.4, jitter=0.0)
+    try:
+        loop = asyncio.get_running_loop()
+        status = await poller.next_update(job)
+        while status.state != JobState.RUNNING:
+            status = await poller.next_update(job)
+        started = loop.time()
+        await poller.next_update(job)
+        assert loop.time() - started >= 2.9, "a running job was polled before the interval"
+
+        await adapter.cancel([job])
+        poller.hurry(job)
+        started = loop.time()
+        while not (await poller.next_update(job)).state.is_terminal:
+            pass
+        assert loop.time() - started < 2.0, "a cancelled job was not followed fast"
+    finally:
+        poller.untrack(job)
+
+
+@pytest.mark.asyncio
+async def test_untracked_jobs_leave_the_query_and_the_loop_stops(counting, spool):
+    adapter, runner = counting
+    ids = await submit(adapter, spool, "sleep 60", 3)
+    poller = JobPoller(adapter, interval=0.3, fast_first=0.05, fast_max=0.1)
+    try:
+        await asyncio.gather(*(poller.refresh(i) for i in ids))
+        poller.untrack(ids[0])
+        await poller.next_update(ids[1])
+        assert ids[0] not in runner.calls[-1] and ids[1] in runner.calls[-1]
+        poller.untrack(ids[1])
+        poller.untrack(ids[2])
+        before = poller.queries
+        await asyncio.sleep(0.5)
+        assert poller.queries == before and poller._task is not None and poller._task.done()
+    finally:
+        await adapter.cancel(ids)
+
+
+@pytest.mark.asyncio
+async def test_a_scheduler_outage_is_unknown_for_every_job(spool):
+    adapter = LocalAdapter(LocalRunner(), spool_dir=spool, python="/nonexistent/python")
+    poller = JobPoller(adapter, interval=1, fast_first=0.05)
+    statuses = await asyncio.gather(*(poller.refresh(i) for i in ("1", "2")))
+    assert [s.state for s in statuses] == [JobState.UNKNOWN, JobState.UNKNOWN]
+    assert all("scheduler unavailable" in s.reason for s in statuses)
+    for i in ("1", "2"):
+        poller.untrack(i)
+
+
+def test_one_shared_poller_per_key(spool):
+    adapter = LocalAdapter(LocalRunner(), spool_dir=spool)
+    first = shared_poller(("local", "test-key"), lambda: JobPoller(adapter))
+    assert shared_poller(("local", "test-key"), lambda: JobPoller(adapter)) is first
+    assert shared_poller(("local", "other-key"), lambda: JobPoller(adapter)) is not first
