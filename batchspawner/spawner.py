@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator
 from jupyterhub.spawner import SpawnException, Spawner
 from traitlets import Float, Integer, List, Unicode, default, validate
 
+from hpchub.ledger import Ledger, shared_ledger
 from job_templates import TemplateValueError, render_job_script
 from schedulers import (
     Adapter,
@@ -120,6 +121,12 @@ class BatchSpawner(Spawner):
     def _default_singleuser_cmd(self) -> list[str]:
         beside_python = os.path.join(os.path.dirname(sys.executable), "batchspawner-singleuser")
         return [beside_python if os.path.exists(beside_python) else "batchspawner-singleuser"]
+
+    ledger_url = Unicode(
+        "sqlite:///hpchub_ledger.sqlite",
+        help="SQLAlchemy URL of the job ledger (its own database, apart from JupyterHub's), e.g. "
+        "postgresql://hpchub@dbhost/hpchub. The `hpchub` command puts it in its data directory.",
+    ).tag(config=True)
 
     job_poll_interval = Float(
         30.0,
@@ -295,13 +302,19 @@ class BatchSpawner(Spawner):
         request = await self.build_request()
         script = self.render_script(request)
         await self._make_log_dir(os.path.dirname(request.output or ""))
+        await self.ledger.record_submission(tag=self.job_tag, user=self.user.name, server_name=self.name or "",
+                                            cluster=self.scheduler, request=request, script=script,
+                                            log_path=request.output or "")
         try:
             self.job_id = await self.adapter.submit(script, request, user=self.run_as)
         except SubmitRejected as err:
+            await self.ledger.rejected(self.job_tag, err.reason)
             raise SpawnException(f"The scheduler refused the job: {err.reason}", reason="submit-rejected") from err
         except SchedulerError as err:
+            await self.ledger.rejected(self.job_tag, str(err))
             raise SpawnException(f"The scheduler could not be reached to submit the job: {err}",
                                  reason="scheduler-unavailable", status_code=503) from err
+        await self.ledger.submitted(self.job_tag, self.job_id)
         self._persist_state()
         self.log.info("Submitted job %s for %s", self.job_id, self._log_name)
         self._event(f"Submitted batch job {self.job_id}", 10)
@@ -349,10 +362,19 @@ class BatchSpawner(Spawner):
         """The hub-wide poller of this scheduler, shared with every other server's spawner."""
         runner = self.adapter.runner
         key = (self.scheduler, type(runner), tuple(sorted(self.adapter_kwargs().items())))
+        ledger, cluster = self.ledger, self.scheduler
+
+        async def record(statuses: dict[str, JobStatus]) -> None:
+            await ledger.update(cluster, statuses.values())
+
         return shared_poller(key, lambda: JobPoller(
             self.adapter, interval=self.job_poll_interval, fast_first=self.job_poll_fast_first,
-            fast_max=self.job_poll_fast_max,
+            fast_max=self.job_poll_fast_max, on_update=record,
         ))
+
+    @property
+    def ledger(self) -> Ledger:
+        return shared_ledger(self.ledger_url)
 
     async def _wait_until_running(self, request: JobRequest) -> JobStatus:
         loop = asyncio.get_running_loop()
@@ -431,6 +453,7 @@ class BatchSpawner(Spawner):
         if not self.job_id:
             return
         try:
+            await self.ledger.cancelling(self.job_tag, "cancelled: the spawn failed")
             await self.adapter.cancel([self.job_id], user=self.run_as)
         except SchedulerError as err:
             self.log.error("Could not cancel job %s of %s: %s", self.job_id, self._log_name, err)
@@ -450,6 +473,8 @@ class BatchSpawner(Spawner):
     async def stop(self, now: bool = False) -> None:
         if not self.job_id:
             return
+        if self.job_tag:
+            await self.ledger.cancelling(self.job_tag)
         await self.adapter.cancel([self.job_id], user=self.run_as)
         self.poller.hurry(self.job_id)
         loop = asyncio.get_running_loop()

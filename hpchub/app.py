@@ -75,6 +75,8 @@ class HpcHub(JupyterHub):
         proxy = self.config.ConfigurableHTTPProxy
         if "pid_file" not in proxy:
             proxy.pid_file = os.path.join(self.data_dir, "proxy.pid")
+        if "ledger_url" not in self.config.BatchSpawner:
+            self.config.BatchSpawner.ledger_url = "sqlite:///" + os.path.join(self.data_dir, "hpchub_ledger.sqlite")
 
     async def start(self) -> None:
         await super().start()

@@ -143,6 +143,9 @@ def test_slurm_server_runs_in_a_job_and_stop_cancels_it(hub_factory, slurm_clust
 
     status = hpchub_status(hub, "alice")
     assert status.returncode == 0 and job_id in status.stdout, status
+    [row] = ledger_rows(hub, "alice")
+    assert (row["job_id"], row["state"], row["tag"]) == (job_id, "RUNNING", server["state"]["job_tag"])
+    assert row["node"] == server["state"]["job_host"] and row["started"] and row["log_path"].endswith(f"-{job_id}.log")
 
     stop_requested = time.monotonic()
     assert browser.api("DELETE", "/users/alice/server").status_code in (202, 204)
@@ -151,6 +154,8 @@ def test_slurm_server_runs_in_a_job_and_stop_cancels_it(hub_factory, slurm_clust
     wait_for(lambda: "" not in user_model(hub, "alice")["servers"], 30, "the hub to forget the server")
     status = hpchub_status(hub, "alice")
     assert status.returncode == 1 and "no servers" in status.stdout, status
+    [row] = ledger_rows(hub, "alice")
+    assert row["state"] == "CANCELLED" and row["ended"] and row["note"] == "cancel requested", row
 
 
 def saved_state(hub: Hub, user: str) -> dict:
@@ -159,6 +164,13 @@ def saved_state(hub: Hub, user: str) -> dict:
         rows = db.execute("SELECT spawners.state FROM spawners JOIN users ON users.id = spawners.user_id "
                           "WHERE users.name = ? AND spawners.name = ''", (user,)).fetchall()
     return json.loads(rows[0][0]) if rows and rows[0][0] else {}
+
+
+def ledger_rows(hub: Hub, user: str) -> list[dict]:
+    """The user's rows in the hub's job ledger, newest first."""
+    with sqlite3.connect(hub.workdir / "data" / "hpchub_ledger.sqlite") as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute("SELECT * FROM hpchub_jobs WHERE user = ? ORDER BY id DESC", (user,))]
 
 
 def test_job_id_is_saved_and_shown_while_the_job_waits(hub_factory, slurm_cluster, test_users):
@@ -241,6 +253,10 @@ def test_a_job_that_fails_early_fails_the_spawn_with_the_reason(hub_factory, slu
     assert "refused the job" in message and "invalid partition" in message.lower(), message
     for user in ("alice", "bob"):
         assert "" not in user_model(hub, user)["servers"]
+    [failed] = ledger_rows(hub, "alice")
+    assert (failed["state"], failed["exit_code"], failed["reason"]) == ("FAILED", 3, "NonZeroExitCode"), failed
+    [rejected] = ledger_rows(hub, "bob")
+    assert rejected["state"] == "REJECTED" and rejected["job_id"] is None and "partition" in rejected["reason"]
 
 
 def test_jobs_never_run_as_root(hub_factory, slurm_cluster, test_users):
