@@ -125,7 +125,7 @@ class BatchSpawner(Spawner):
     ledger_url = Unicode(
         "sqlite:///hpchub_ledger.sqlite",
         help="SQLAlchemy URL of the job ledger (its own database, apart from JupyterHub's), e.g. "
-        "postgresql://hpchub@dbhost/hpchub. The `hpchub` command puts it in its data directory.",
+        "postgresql+psycopg://hpchub@dbhost/hpchub (install hpchub[postgresql]). The `hpchub` command puts it in its data directory.",
     ).tag(config=True)
 
     job_poll_interval = Float(

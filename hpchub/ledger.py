@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, TypeVar
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text, create_engine, event, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import JSON, DateTime, Integer, String, Text, TypeDecorator, create_engine, event, select
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from schedulers import JobRequest, JobState, JobStatus
@@ -30,6 +30,31 @@ ENDED_STATES = {s.value for s in JobState if s.is_terminal} | {REJECTED}
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware datetimes, always in UTC, on every backend: SQLite keeps no offset (it would store the wall
+    time of whatever zone it was given and return naive values), PostgreSQL returns the session's zone."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(timezone=True)
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.utcoffset() is None:
+            raise ValueError(f"the ledger stores aware datetimes only, not the naive {value.isoformat()}")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:   # SQLite: stored as UTC by process_bind_param
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
 
 
 class Base(DeclarativeBase):
@@ -50,15 +75,15 @@ class JobRecord(Base):
     state: Mapped[str] = mapped_column(String(16), index=True, default=SUBMITTING)
     native_state: Mapped[str] = mapped_column(String(64), default="")
     reason: Mapped[str] = mapped_column(Text, default="")
-    node: Mapped[str] = mapped_column(String(255), default="")
+    node: Mapped[str] = mapped_column(Text, default="")   # every node of a job: any length
     log_path: Mapped[str] = mapped_column(Text, default="")
     exit_code: Mapped[int | None] = mapped_column(Integer, default=None)
     note: Mapped[str] = mapped_column(Text, default="")
-    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    submitted: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
-    started: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
-    ended: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
-    updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    submitted: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    started: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    ended: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    updated: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
     @property
     def active(self) -> bool:

@@ -10,10 +10,18 @@ from .slurm import SlurmAdapter
 __all__ = [
     "Adapter", "CommandResult", "CommandTimeout", "InvalidRequest", "JobRequest", "JobState", "JobStatus",
     "LocalAdapter", "LocalRunner", "Runner", "SchedulerError", "SchedulerUnavailable", "SlurmAdapter", "SubmitRejected",
-    "SudoRunner", "get_adapter",
+    "SSHRunner", "SudoRunner", "get_adapter",
 ]
 
 _ADAPTERS: dict[str, type[Adapter]] = {"slurm": SlurmAdapter, "local": LocalAdapter}
+
+
+def __getattr__(name: str):
+    if name == "SSHRunner":  # asyncssh takes ~150 ms to import: only for those who use it
+        from .ssh import SSHRunner
+
+        return SSHRunner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_adapter(name: str) -> type[Adapter]:

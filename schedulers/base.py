@@ -156,6 +156,12 @@ class Adapter(abc.ABC):
             return {i: JobStatus(i, JobState.UNKNOWN, reason=reason) for i in ids}
         return {i: statuses.get(i, JobStatus(i, JobState.UNKNOWN)) for i in ids}
 
+    async def estimate_start(self, job_ids: Iterable[str]) -> dict[str, datetime | None]:
+        """The scheduler's own estimate of when each pending job starts; None where it has none.
+
+        Costly on some schedulers: ask on demand and cache, not on every poll. This default knows none."""
+        return dict.fromkeys(job_ids)
+
     async def find_by_tag(self, tag: str) -> list[str]:
         """Ids of the jobs carrying `tag`; [] when the scheduler cannot be asked."""
         try:

@@ -10,10 +10,12 @@ import tempfile
 from typing import ClassVar, Mapping, Sequence
 
 from .base import Adapter, JobRequest, JobState, JobStatus, SchedulerError, SchedulerUnavailable
-from .localq import REJECTED
 from .runner import CommandResult, Runner
 
 DEFAULT_SPOOL = os.path.join(tempfile.gettempdir(), "hpchub-localq")
+# localq's exit status for a script it refused, apart from failures of localq itself. Defined here, not in
+# localq, so that importing the package does not import localq before `python -m` runs it.
+REJECTED = 2
 
 
 class LocalAdapter(Adapter):

@@ -3,11 +3,12 @@
     python -m schedulers.localq submit --spool DIR [--grace S] < script   prints the job id
     python -m schedulers.localq query  --spool DIR ID...                  one JSON line per id
     python -m schedulers.localq cancel --spool DIR ID...
+    python -m schedulers.localq find   --spool DIR --comment TAG             the ids of the jobs with TAG
 
-It runs as whichever user submits (through sudo), so it uses only the standard library and the spool.
+It runs as whichever user submits (through sudo): it needs only the installed package and the spool.
 The spool (mode 1777, like /tmp) holds one directory per job, made by the submitting user:
 
-    job.json         the request: name, output, chdir, time limit, submit time   (submit)
+    job.json         the request: name, comment, output, chdir, time limit, ...  (submit)
     supervisor.json  pid and start ticks of the job's supervisor                 (submit)
     running.json     pid and start ticks of the job, start time, node            (supervisor)
     end.json         final state, exit code, reason, end time                    (supervisor)
@@ -32,9 +33,10 @@ import sys
 import time
 from typing import Any, Sequence
 
+from .local import REJECTED
+
 DIRECTIVE = "#LOCALQ"
 OPTIONS = ("name", "comment", "output", "chdir", "time")
-REJECTED = 2  # exit status of a submit refused for its script, not for a failure of localq
 TICK_S = 0.2
 # job.json without supervisor.json for this long: the submit died before its supervisor existed
 LOST_AFTER_S = 10.0

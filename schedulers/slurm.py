@@ -5,13 +5,18 @@ Verified against Slurm 22.05.8:
   ended within MinJobAge are listed as COMPLETED, FAILED (reason NonZeroExitCode), CANCELLED...
 - an id slurmctld no longer knows: alone, exit 1 and "slurm_load_jobs error: Invalid job id specified";
   among several ids (even all unknown), exit 0 and the id is simply not listed.
-- controller down: exit 1, "slurm_load_jobs error: Unable to contact slurm controller (connect failure)".
+- controller down: exit 1, "slurm_load_jobs error: Unable to contact slurm controller (connect failure)",
+  after 9 s of retries with MessageTimeout=10 (18 s when asked about exactly one id); sbatch and scancel
+  give up after 9 s too.
 - `-O exit_code` is the raw wait status (768 for `exit 3`, 15 for SIGTERM).
 - scancel of a finished or unknown job of one's own: exit 0, silent.
+- `squeue --start` ignores `--Format` (it prints its own layout) but honours `--format`; it lists pending
+  jobs only, with StartTime "N/A" where the scheduler has no plan (held jobs), as local time otherwise.
 """
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import ClassVar, Iterable, Mapping, Sequence
 
 from .base import (Adapter, JobRequest, JobState, JobStatus, SchedulerError, SchedulerUnavailable,
@@ -29,6 +34,8 @@ _CANCEL_ERROR = re.compile(r"Kill job error on job id (\S+): (.*)")
 # scancel's answers that mean "the job is not running any more": the goal of a cancel
 _ALREADY_ENDED = ("Invalid job id specified", "Job/step already completing or completed")
 _NOT_QUEUED = "slurmctld does not know this job (ended over MinJobAge ago, or never existed)"
+# squeue's words for "no time": none set, or Slurm's "never" (INFINITE)
+_NO_ESTIMATE = ("N/A", "Unknown")
 
 
 class SlurmAdapter(Adapter):
@@ -86,7 +93,8 @@ class SlurmAdapter(Adapter):
     async def query(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
         ids = list(dict.fromkeys(job_ids))
         statuses = await super().query([i for i in ids if _JOB_ID.fullmatch(i)])
-        forgotten = [i for i, s in statuses.items() if not s.native_state]
+        # only squeue's positive "not queued" goes to sacct: a failed squeue says nothing about any job
+        forgotten = [i for i, s in statuses.items() if s.reason == _NOT_QUEUED]
         if forgotten and self.use_sacct:
             statuses.update(await self._from_accounting(forgotten))
         return {i: statuses.get(i) or JobStatus(i, JobState.UNKNOWN, reason="not a Slurm job id") for i in ids}
@@ -96,7 +104,7 @@ class SlurmAdapter(Adapter):
 
     def parse_query(self, result: CommandResult, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         if result.returncode != 0:
-            if len(job_ids) == 1 and "slurm_load_jobs error: Invalid job id specified" in result.stderr:
+            if _unknown_alone(result, job_ids):
                 return {job_ids[0]: JobStatus(job_ids[0], JobState.UNKNOWN, reason=_NOT_QUEUED)}
             raise SchedulerUnavailable(f"slurm: squeue failed (exit {result.returncode}): {result.stderr.strip()}",
                                        result=result)
@@ -109,6 +117,38 @@ class SlurmAdapter(Adapter):
             if job_id in statuses:
                 statuses[job_id] = self._status(job_id, state, reason, nodes, _exit_code(status))
         return statuses
+
+    async def estimate_start(self, job_ids: Iterable[str]) -> dict[str, datetime | None]:
+        """When Slurm expects each pending job to start (a --begin time, or the backfill plan), in local time;
+        None where it has no estimate (held, running, ended, unknown jobs). One squeue call: ask on demand and
+        cache, not on every poll. Raises SchedulerUnavailable when squeue could not answer."""
+        ids = list(dict.fromkeys(job_ids))
+        estimates: dict[str, datetime | None] = dict.fromkeys(ids)
+        valid = [i for i in ids if _JOB_ID.fullmatch(i)]
+        if valid:
+            result = await self._run(self.start_argv(valid))
+            estimates.update((i, t) for i, t in self.parse_start(result, valid).items() if i in estimates)
+        return estimates
+
+    def start_argv(self, job_ids: Sequence[str]) -> list[str]:
+        return ["squeue", "--start", "--noheader", f"--jobs={','.join(job_ids)}", "--format", f"%i{_SEP}%S{_SEP}"]
+
+    def parse_start(self, result: CommandResult, job_ids: Sequence[str]) -> dict[str, datetime | None]:
+        if result.returncode != 0:
+            if _unknown_alone(result, job_ids):
+                return {}
+            raise SchedulerUnavailable(f"slurm: squeue --start failed (exit {result.returncode}): "
+                                       f"{result.stderr.strip()}", result=result)
+        estimates = {}
+        for line in result.stdout.splitlines():
+            fields = line.split(_SEP)
+            start = fields[1] if len(fields) == 3 and not fields[2] else ""
+            try:
+                # local time without a zone: SLURM_TIME_FORMAT could change that, but runners never pass it on
+                estimates[fields[0]] = None if start in _NO_ESTIMATE else datetime.fromisoformat(start).astimezone()
+            except ValueError:
+                raise SchedulerUnavailable(f"slurm: unexpected squeue --start output {line!r}", result=result) from None
+        return estimates
 
     def tag_query_argv(self, tag: str) -> list[str]:
         # squeue cannot filter on the comment: one call lists every job's id and comment
@@ -191,6 +231,11 @@ def _expand_item(item: str) -> list[str]:
         for number in range(int(low), int(high or low) + 1):
             names.extend(f"{prefix}{number:0{len(low)}d}{tail}" for tail in _expand_item(rest))
     return names
+
+
+def _unknown_alone(result: CommandResult, job_ids: Sequence[str]) -> bool:
+    """squeue's failure for a single id slurmctld does not know: an answer about that job, not an outage."""
+    return len(job_ids) == 1 and "slurm_load_jobs error: Invalid job id specified" in result.stderr
 
 
 def _exit_code(wait_status: str) -> int | None:

@@ -7,7 +7,7 @@
 #   venv: /opt/hpchub from Debian's /usr/bin/python3, world-readable: Slurm jobs run as ordinary
 #         users, who can read neither the pyenv python under /root nor a checkout under /root. So the
 #         checkout is installed into it as a copy (not editable), with its `test` extra.
-#   then: docker/slurm-cluster/cluster.sh start
+#   then: docker/slurm-cluster/cluster.sh start, docker/sshd/sshd.sh start, docker/postgres/postgres.sh start
 #
 # Env: HPCHUB_VENV (default /opt/hpchub)
 set -euo pipefail
@@ -31,6 +31,14 @@ start_cluster() {
   "$REPO/docker/slurm-cluster/cluster.sh" start
 }
 
+start_sshd() {
+  "$REPO/docker/sshd/sshd.sh" start
+}
+
+start_postgres() {
+  "$REPO/docker/postgres/postgres.sh" start >/dev/null  # prints the ledger URL the tests use
+}
+
 # The environment must work for the users whose jobs use it (run from / so that the checkout in the
 # working directory cannot stand in for the installed copy).
 check_venv_as_user() {
@@ -48,6 +56,8 @@ step "configurable-http-proxy" install_proxy
 step "venv $VENV" make_venv
 step "install $REPO" install_project
 step "Slurm cluster" start_cluster
+step "test sshd" start_sshd
+step "PostgreSQL" start_postgres
 step "check as alice" check_venv_as_user
 
 timings=$(printf '%s; ' "${TIMINGS[@]}")

@@ -49,7 +49,7 @@ def node_states() -> dict[str, str]:
 
 def nodes_up() -> bool:
     states = node_states()
-    return all(states.get(n) in ("idle", "mix", "alloc") for n in NODES)
+    return all(states.get(n) in ("idle", "mix", "alloc", "plnd") for n in NODES)
 
 
 def daemon_pids() -> dict[str, str]:

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +19,7 @@ import pytest
 
 import schedulers
 from helpers import CountingRunner, alive, wait_until
+from job_templates import render_job_script
 from schedulers import (JobRequest, JobState, JobStatus, LocalAdapter, LocalRunner, SchedulerUnavailable,
                         SubmitRejected, SudoRunner)
 
@@ -252,3 +254,23 @@ async def test_missing_python_is_unavailable(spool):
     adapter = LocalAdapter(LocalRunner(), spool_dir=spool, python="/nonexistent/python")
     status = (await adapter.query(["1"]))["1"]
     assert status.state == JobState.UNKNOWN and "/nonexistent/python" in status.reason
+
+
+@pytest.mark.asyncio
+async def test_lost_submit_answer_is_found_by_the_jobs_tag(python, spool, shared_dir, cleanup, test_users):
+    silent = shared_dir / "python"  # localq submits for real, then never answers
+    silent.write_text(f'#!/bin/sh\ncase "$3" in submit) {python} "$@"; exec sleep 60;; esac\nexec {python} "$@"\n')
+    silent.chmod(0o755)
+    counting = CountingRunner(SudoRunner())
+    adapter = LocalAdapter(counting, spool_dir=spool, python=str(silent), kill_grace_s=0.5, command_timeout=3)
+    request = JobRequest(name="hpchub-test", tag=f"hpchub-test-{uuid.uuid4().hex}", walltime_s=60,
+                         workdir=str(shared_dir), output=f"{shared_dir}/localq-%j.out")
+    script = render_job_script(adapter.template, request, user="alice", env={}, command=["sleep", "60"])
+    started = time.monotonic()
+    job_id = await adapter.submit(script, request, user="alice")
+    cleanup.append(job_id)
+    assert time.monotonic() - started < 3 + 2 + 1  # the timeout, the kill's grace, one find
+    assert [argv[3] for argv in counting.calls] == ["submit", "find"]
+    assert job_id.isdigit() and await adapter.find_by_tag(request.tag) == [job_id]
+    assert sorted(p.name for p in spool.iterdir()) == [job_id]
+    assert (await adapter.query([job_id]))[job_id].state in (JobState.PENDING, JobState.RUNNING)

@@ -1,20 +1,34 @@
-"""SlurmAdapter against the real test cluster (docker/slurm-cluster/cluster.sh): jobs run as alice."""
+"""SlurmAdapter: its parsers on answers recorded from Slurm 22.05 (fixtures/slurm, no daemon needed), and the
+adapter against the real test cluster (docker/slurm-cluster/cluster.sh), jobs running as alice."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import json
+import os
+import shutil
+import signal
 import subprocess
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import pytest
 
 import helpers
-from helpers import CountingRunner
-from schedulers import (JobRequest, JobState, JobStatus, LocalRunner, SchedulerError, SchedulerUnavailable,
-                        SlurmAdapter, SubmitRejected, SudoRunner)
+from helpers import CountingRunner, alive, wait_for
+from job_templates import render_job_script
+from schedulers import (CommandResult, JobRequest, JobState, JobStatus, LocalRunner, Runner, SchedulerError,
+                        SchedulerUnavailable, SlurmAdapter, SubmitRejected, SudoRunner)
 from schedulers.slurm import expand_nodes
 
-CONTROLLER_DOWN = "slurm_load_jobs error: Unable to contact slurm controller (connect failure)"
 REQUEST = JobRequest(name="hpchub-test", tag="hpchub-test")
+CLUSTER_SH = Path(__file__).resolve().parents[1] / "docker" / "slurm-cluster" / "cluster.sh"
+SLURMCTLD_PID = Path("/run/slurm/slurmctld.pid")
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "slurm"
 # Slurm schedules and reports on a coarser clock than localq: wait longer, poll less often
 wait_until = functools.partial(helpers.wait_until, timeout=60.0, interval=0.2)
 
@@ -31,6 +45,31 @@ def jobs(slurm_cluster):
 @pytest.fixture
 def counting(slurm_cluster, test_users) -> CountingRunner:
     return CountingRunner(SudoRunner())
+
+
+@contextlib.contextmanager
+def controller_stopped() -> Iterator[None]:
+    """slurmctld stopped, the way cluster.sh stops it, for the block only. Other tests share the cluster:
+    keep the block short; cluster.sh starts slurmctld again whatever happens, and both nodes must be back."""
+    pid = int(SLURMCTLD_PID.read_text())
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "slurmctld", f"stale {SLURMCTLD_PID}"
+    try:
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not alive(pid), 15, "slurmctld to stop")
+        yield
+    finally:
+        # not its exit status: cluster.sh fails when backfill holds a node "planned" for a pending job
+        started = subprocess.run([str(CLUSTER_SH), "start"], stdin=subprocess.DEVNULL, capture_output=True,
+                                 text=True, timeout=120)
+        wait_for(_cluster_ready, 30, f"slurmctld and both nodes back; cluster.sh start said: {started.stderr}")
+
+
+def _cluster_ready() -> bool:
+    """slurmctld answers and both nodes respond (planned: reserved by backfill for a pending job)."""
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15).stdout
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=15).stdout
+    states = dict(line.split() for line in nodes.splitlines())
+    return "is UP" in ping and all(states.get(n) in ("idle", "mix", "alloc", "plnd") for n in ("c1", "c2"))
 
 
 def script(directory: Path, body: str, *directives: str) -> str:
@@ -151,30 +190,31 @@ async def test_jobs_slurm_does_not_know_stay_unknown(counting, jobs, shared_dir)
 
 @pytest.fixture
 def fake_slurm(tmp_path) -> Path:
-    """squeue, sbatch and scancel that answer like a cluster whose controller is down (the real messages)."""
-    messages = {
-        "squeue": (CONTROLLER_DOWN, 1),
-        "sbatch": ("sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)",
-                   1),
-        "scancel": ("scancel: error: Kill job error on job id 42: Unable to contact slurm controller "
-                    "(connect failure)", 8),
-    }
-    for command, (message, code) in messages.items():
+    """squeue, sbatch and scancel that answer like a cluster whose controller is down: the recorded answers."""
+    for command, case in (("squeue", "query-controller-down"), ("sbatch", "submit-controller-down"),
+                          ("scancel", "cancel-controller-down")):
+        answer = recorded(case)
+        stderr = tmp_path / f"{command}.stderr"
+        stderr.write_text(answer["stderr"])
         path = tmp_path / command
-        path.write_text(f"#!/bin/sh\ncat >/dev/null\necho '{message}' >&2\nexit {code}\n")
+        path.write_text(f"#!/bin/sh\ncat >/dev/null\ncat '{stderr}' >&2\nexit {answer['returncode']}\n")
         path.chmod(0o755)
     return tmp_path
 
 
 @pytest.mark.asyncio
 async def test_controller_down_is_unavailable_never_gone(fake_slurm):
-    adapter = SlurmAdapter(LocalRunner(path=f"{fake_slurm}:/usr/bin:/bin"))
+    counting = CountingRunner(LocalRunner(path=f"{fake_slurm}:/usr/bin:/bin"))
+    adapter = SlurmAdapter(counting)
     for ids in (["42", "43"], ["42"]):
         statuses = await adapter.query(ids)
         assert set(statuses) == set(ids)
         for status in statuses.values():
             assert status.state == JobState.UNKNOWN
-            assert "scheduler unavailable" in status.reason and "Unable to contact slurm controller" in status.reason
+            assert status.reason.startswith("scheduler unavailable:")
+            assert "Unable to contact slurm controller" in status.reason
+    # a failed squeue says nothing about the jobs: none of them is taken for one squeue forgot
+    assert (counting.count("squeue"), counting.count("sacct")) == (2, 0)
     with pytest.raises(SchedulerUnavailable, match="Unable to contact slurm controller") as error:
         await adapter.submit(script(fake_slurm, "true"), REQUEST)
     assert not isinstance(error.value, SubmitRejected)
@@ -214,3 +254,307 @@ async def test_accounting_answers_for_jobs_squeue_forgot(tmp_path):
     assert (statuses["7"].state, statuses["7"].exit_code, statuses["7"].reason) == (
         JobState.FAILED, 3, "NonZeroExitCode")
     assert statuses["8"].state is JobState.UNKNOWN
+
+
+# --- answers recorded from the test cluster (fixtures/slurm/record.py): the parsers without a daemon ---------
+
+def recorded(case: str) -> dict[str, Any]:
+    """One command of the adapter and Slurm's answer: argv, user, stdin, exit status, stdout, stderr."""
+    return json.loads((FIXTURES / f"{case}.json").read_text())
+
+
+class Replay(Runner):
+    """Answers with recorded cases, in order; each command must be the one recorded."""
+
+    def __init__(self, *cases: str):
+        self.cases = list(cases)
+
+    async def run(self, argv: Sequence[str], *, user: str | None = None, stdin: str | None = None,
+                  timeout: float = 30.0) -> CommandResult:
+        assert self.cases, f"no recorded answer left for {argv}"
+        answer = recorded(self.cases.pop(0))
+        assert (list(argv), user) == (answer["argv"], answer["user"]), f"not the command of {answer['case']}"
+        return CommandResult(tuple(argv), answer["returncode"], answer["stdout"], answer["stderr"],
+                             answer["duration_s"])
+
+
+# case: state (and native state), reason, exit code
+RECORDED_STATES = {
+    "query-held": (JobState.PENDING, "JobHeldUser", None),
+    "query-begin": (JobState.PENDING, "BeginTime", None),
+    "query-resources": (JobState.PENDING, "Resources", None),
+    "query-priority": (JobState.PENDING, "Priority", None),
+    # accepted by sbatch, pending for good
+    "query-over-time-limit": (JobState.PENDING, "PartitionTimeLimit", None),
+    "query-over-node-limit": (JobState.PENDING, "PartitionNodeLimit", None),
+    "query-running": (JobState.RUNNING, "", None),
+    "query-completing": (JobState.COMPLETING, "", None),
+    "query-completed": (JobState.COMPLETED, "", 0),
+    "query-failed": (JobState.FAILED, "NonZeroExitCode", 3),
+    "query-cancelled": (JobState.CANCELLED, "", 128 + signal.SIGTERM),
+    "query-timeout": (JobState.TIMEOUT, "TimeLimit", 128 + signal.SIGTERM),
+}
+
+
+@pytest.mark.parametrize("case", RECORDED_STATES)
+@pytest.mark.asyncio
+async def test_recorded_job_states(case):
+    state, reason, exit_code = RECORDED_STATES[case]
+    [job_id] = recorded(case)["job_ids"]
+    status = (await SlurmAdapter(Replay(case)).query([job_id]))[job_id]
+    assert (status.state, status.native_state, status.reason, status.exit_code) == (
+        state, state.value, reason, exit_code)
+    if state is JobState.PENDING:
+        assert status.nodes == ()
+    else:
+        assert len(status.nodes) == 1 and status.nodes[0] in ("c1", "c2")
+
+
+@pytest.mark.asyncio
+async def test_recorded_batch_of_every_kind():
+    ids = recorded("query-batch")["job_ids"]
+    held, begin, resources, priority, running, completed, failed, unknown = ids
+    statuses = await SlurmAdapter(Replay("query-batch"), use_sacct=False).query(ids)
+    assert [statuses[i].reason for i in (held, begin, resources, priority)] == [
+        "JobHeldUser", "BeginTime", "Resources", "Priority"]
+    assert [statuses[i].state for i in ids] == [JobState.PENDING] * 4 + [
+        JobState.RUNNING, JobState.COMPLETED, JobState.FAILED, JobState.UNKNOWN]
+    assert "MinJobAge" in statuses[unknown].reason
+
+
+@pytest.mark.asyncio
+async def test_recorded_unknown_id_alone():
+    [job_id] = recorded("query-invalid-id")["job_ids"]
+    status = (await SlurmAdapter(Replay("query-invalid-id"), use_sacct=False).query([job_id]))[job_id]
+    assert (status.state, status.native_state) == (JobState.UNKNOWN, "")
+    assert "MinJobAge" in status.reason
+
+
+@pytest.mark.parametrize("case", ["query-controller-down", "query-controller-down-many"])
+@pytest.mark.asyncio
+async def test_recorded_controller_down_is_unknown_without_sacct(case):
+    ids = recorded(case)["job_ids"]
+    replay = Replay(case)  # one answer only: a call of sacct would fail the test
+    statuses = await SlurmAdapter(replay).query(ids)
+    assert all(s.state is JobState.UNKNOWN and s.reason.startswith("scheduler unavailable:") and
+               "Unable to contact slurm controller" in s.reason for s in statuses.values())
+    assert set(statuses) == set(ids) and not replay.cases
+
+
+@pytest.mark.asyncio
+async def test_recorded_start_estimates_are_local_time(monkeypatch):
+    answer = recorded("start-pending")
+    held, begin, resources, priority, running = answer["job_ids"]
+    printed = dict(line.split("\x1f")[:2] for line in answer["stdout"].splitlines())
+    monkeypatch.setenv("TZ", "HPC-3")  # POSIX TZ: three hours east of UTC, no tz database needed
+    time.tzset()
+    try:
+        estimates = await SlurmAdapter(Replay("start-pending")).estimate_start(answer["job_ids"])
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert list(estimates) == answer["job_ids"]
+    assert printed[held] == "N/A" and estimates[held] is None
+    assert running not in printed and estimates[running] is None
+    assert estimates[begin] == datetime.fromisoformat(printed[begin]).replace(tzinfo=timezone(timedelta(hours=3)))
+    assert estimates[begin] < estimates[resources] < estimates[priority]
+
+
+@pytest.mark.asyncio
+async def test_recorded_start_estimate_failures():
+    [unknown] = recorded("start-invalid-id")["job_ids"]
+    assert await SlurmAdapter(Replay("start-invalid-id")).estimate_start([unknown, "not-an-id"]) == {
+        unknown: None, "not-an-id": None}
+    with pytest.raises(SchedulerUnavailable, match="Unable to contact slurm controller"):
+        await SlurmAdapter(Replay("start-controller-down")).estimate_start(recorded("start-controller-down")["job_ids"])
+
+
+@pytest.mark.asyncio
+async def test_recorded_submits():
+    answer = recorded("submit-accepted")
+    job_id = await SlurmAdapter(Replay("submit-accepted")).submit(answer["stdin"], REQUEST, user="alice")
+    assert job_id == answer["stdout"].strip() and job_id.isdigit()
+    # the answer is lost: the adapter looks for the job's tag, finds none, and says so
+    replay = Replay("submit-controller-down", "tag-query-controller-down")
+    with pytest.raises(SchedulerUnavailable, match="Unable to contact slurm controller") as error:
+        await SlurmAdapter(replay).submit(recorded("submit-controller-down")["stdin"], REQUEST, user="alice")
+    assert not isinstance(error.value, SubmitRejected) and not replay.cases
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("submit-rejected-partition", "invalid partition specified: no-such-partition\n"
+                                  "Batch job submission failed: Invalid partition name specified"),
+    ("submit-rejected-memory", "Memory specification can not be satisfied\n"
+                               "Batch job submission failed: Requested node configuration is not available"),
+    ("submit-rejected-option", "sbatch: unrecognized option '--no-such-option'\n"
+                               'Try "sbatch --help" for more information'),
+])
+@pytest.mark.asyncio
+async def test_recorded_sbatch_rejections(case, reason):
+    with pytest.raises(SubmitRejected) as error:
+        await SlurmAdapter(Replay(case)).submit(recorded(case)["stdin"], REQUEST, user="alice")
+    assert error.value.reason == reason
+
+
+@pytest.mark.asyncio
+async def test_recorded_cancels():
+    # the goal of a cancel is a job that no longer runs: finished and unknown ids are no error
+    for case in ("cancel-many", "cancel-finished", "cancel-unknown-id"):
+        await SlurmAdapter(Replay(case)).cancel(recorded(case)["job_ids"], user="alice")
+    [bobs] = recorded("cancel-other-user")["job_ids"]
+    for case in ("cancel-other-user", "cancel-mixed"):  # bob's job alone, and among finished and unknown ones
+        with pytest.raises(SchedulerError) as error:
+            await SlurmAdapter(Replay(case)).cancel(recorded(case)["job_ids"], user="alice")
+        assert not isinstance(error.value, SchedulerUnavailable)
+        assert error.value.reason == f"Kill job error on job id {bobs}: Access/permission denied"
+    with pytest.raises(SchedulerUnavailable, match="Unable to contact slurm controller"):
+        await SlurmAdapter(Replay("cancel-controller-down")).cancel(recorded("cancel-controller-down")["job_ids"],
+                                                                    user="alice")
+
+
+@pytest.mark.asyncio
+async def test_recorded_tag_lookup():
+    answer = recorded("tag-query")
+    assert len(answer["tag"]) > 40  # squeue -O prints a comment whole when the field has no width
+    assert await SlurmAdapter(Replay("tag-query")).find_by_tag(answer["tag"]) == answer["job_ids"]
+    assert await SlurmAdapter(Replay("tag-query")).find_by_tag("hpchub-no-such-tag") == []
+    assert await SlurmAdapter(Replay("tag-query-controller-down")).find_by_tag(answer["tag"]) == []
+
+
+# --- live, as alice: many jobs, estimates, finished states, a lost submit answer, the controller down -----
+
+@pytest.mark.asyncio
+async def test_fifty_jobs_cost_one_squeue_each_query_and_one_scancel(counting, jobs, shared_dir):
+    """Two jobs fill both nodes, one more waits behind them, 49 are held or wait for a begin time."""
+    adapter = SlurmAdapter(counting)
+
+    async def submit(count: int, *directives: str) -> list[str]:
+        ids = [await adapter.submit(script(shared_dir, "sleep 300", *directives), REQUEST, user="alice")
+               for _ in range(count)]
+        jobs.extend(ids)
+        return ids
+
+    whole_node = ("--cpus-per-task=8", "--time=1")
+    fillers = await submit(2, *whole_node)
+    await wait_until(lambda: adapter.query(fillers), lambda s: all(s[i].state is JobState.RUNNING for i in fillers),
+                     timeout=120)
+    [blocked] = await submit(1, *whole_node)
+    begin = datetime.now().astimezone().replace(microsecond=0) + timedelta(seconds=120)
+    held = await submit(24, "--hold")
+    later = await submit(25, "--begin=now+120")
+    ids = [*fillers, blocked, *held, *later]
+    calls = {"squeue": counting.count("squeue"), "query": 0, "estimate": 0}
+
+    async def query() -> dict[str, JobStatus]:
+        calls["query"] += 1
+        return await adapter.query(ids)
+
+    async def estimate() -> dict[str, datetime | None]:
+        calls["estimate"] += 1
+        return await adapter.estimate_start(ids)
+
+    statuses = await wait_until(query, lambda s: s[blocked].reason in ("Resources", "Priority") and all(
+        s[i].reason == "BeginTime" for i in later))
+    assert sorted(statuses[i].nodes for i in fillers) == [("c1",), ("c2",)]
+    assert all(statuses[i].state is JobState.RUNNING for i in fillers)
+    assert all((s.state, s.native_state) == (JobState.PENDING, "PENDING") for s in (statuses[i] for i in ids[2:]))
+    assert all(statuses[i].reason == "JobHeldUser" for i in held)
+
+    estimates = await wait_until(estimate, lambda e: e[blocked] is not None, timeout=30)
+    now = datetime.now().astimezone()
+    assert all(estimates[i] is None for i in (*fillers, *held))
+    assert all(timedelta(0) <= estimates[i] - begin < timedelta(seconds=10) for i in later)
+    assert now < estimates[blocked] <= now + timedelta(seconds=60)  # a node frees when a filler's minute ends
+    squeues = [argv for argv in counting.calls if argv[0] == "squeue"][calls["squeue"]:]
+    assert len(ids) == 52 and len(squeues) == calls["query"] + calls["estimate"]
+    assert squeues.count(tuple(adapter.query_argv(ids))) == calls["query"]
+    assert squeues.count(tuple(adapter.start_argv(ids))) == calls["estimate"]
+
+    await adapter.cancel(ids, user="alice")
+    assert counting.count("scancel") == 1 and counting.calls[-1] == ("scancel", *ids)
+    await wait_until(query, lambda s: all(s[i].state is JobState.CANCELLED for i in ids))
+
+
+@pytest.mark.asyncio
+async def test_finished_job_states(counting, jobs, shared_dir):
+    adapter = SlurmAdapter(counting)
+    # first: slurmctld checks walltimes every 30 s, so a one-minute job ends 60 to 90 s after it started
+    bodies = {"timeout": ("sleep 300", "--time=1"), "completed": ("true",), "failed": ("exit 3",),
+              "cancelled": ("sleep 300",)}
+    ids = {kind: await adapter.submit(script(shared_dir, *body), REQUEST, user="alice")
+           for kind, body in bodies.items()}
+    jobs.extend(ids.values())
+    await wait_until(lambda: adapter.query([ids["cancelled"]]),
+                     lambda s: s[ids["cancelled"]].state is JobState.RUNNING)
+    await adapter.cancel([ids["cancelled"]], user="alice")
+    statuses = await wait_until(lambda: adapter.query(ids.values()),
+                                lambda s: all(status.state.is_terminal for status in s.values()),
+                                timeout=150, interval=1.0)
+    assert {kind: (statuses[i].state, statuses[i].reason, statuses[i].exit_code) for kind, i in ids.items()} == {
+        "timeout": (JobState.TIMEOUT, "TimeLimit", 128 + signal.SIGTERM),
+        "completed": (JobState.COMPLETED, "", 0),
+        "failed": (JobState.FAILED, "NonZeroExitCode", 3),
+        "cancelled": (JobState.CANCELLED, "", 128 + signal.SIGTERM),
+    }
+
+
+class Substitute(Runner):
+    """Runs `program` in place of the command `name`. sudo looks commands up in its own secure_path, so a
+    stand-in cannot come first on PATH: it is given by its path."""
+
+    def __init__(self, inner: Runner, name: str, program: str):
+        self.inner, self.name, self.program = inner, name, program
+
+    async def run(self, argv: Sequence[str], *, user: str | None = None, stdin: str | None = None,
+                  timeout: float = 30.0) -> CommandResult:
+        if argv[0] == self.name:
+            argv = [self.program, *argv[1:]]
+        return await self.inner.run(argv, user=user, stdin=stdin, timeout=timeout)
+
+
+@pytest.mark.asyncio
+async def test_lost_sbatch_answer_is_found_by_the_jobs_tag(jobs, shared_dir, test_users):
+    silent = shared_dir / "sbatch"  # submits for real, then never answers
+    silent.write_text(f'#!/bin/sh\n{shutil.which("sbatch")} "$@"\nexec sleep 60\n')
+    silent.chmod(0o755)
+    counting = CountingRunner(Substitute(SudoRunner(), "sbatch", str(silent)))
+    adapter = SlurmAdapter(counting, command_timeout=3)
+    request = JobRequest(name="hpchub-test", tag=f"hpchub-test-{uuid.uuid4().hex}", walltime_s=300,
+                         output=f"{shared_dir}/slurm-%j.out")
+    job_script = render_job_script(adapter.template, request, user="alice", env={}, command=["sleep", "300"])
+    started = time.monotonic()
+    job_id = await adapter.submit(job_script, request, user="alice")
+    jobs.append(job_id)
+    assert time.monotonic() - started < 3 + 2 + 1  # the timeout, the kill's grace, one squeue
+    assert [argv[0] for argv in counting.calls] == ["sbatch", "squeue"]
+    assert job_id.isdigit() and await adapter.find_by_tag(request.tag) == [job_id]
+    assert (await adapter.query([job_id]))[job_id].state in (JobState.PENDING, JobState.RUNNING)
+
+
+@pytest.mark.asyncio
+async def test_controller_down_for_real_is_unknown_within_the_timeout(counting, jobs, shared_dir):
+    """slurmctld really stopped, for about 15 s. squeue then retries for 9 s (18 s with a single id) before
+    it reports "Unable to contact slurm controller": a 5 s timeout ends the query first, a 15 s one gets the
+    message. Either way the job is UNKNOWN, never gone, and still runs when the controller is back."""
+    adapter = SlurmAdapter(counting)
+    running = await adapter.submit(script(shared_dir, "sleep 300"), REQUEST, user="alice")
+    jobs.append(running)
+    before = (await wait_until(lambda: adapter.query([running]),
+                               lambda s: s[running].state is JobState.RUNNING))[running]
+
+    async def timed(command_timeout: float, ids: list[str]) -> tuple[dict[str, JobStatus], float]:
+        started = time.monotonic()
+        statuses = await SlurmAdapter(counting, command_timeout=command_timeout).query(ids)
+        return statuses, time.monotonic() - started
+
+    with controller_stopped():
+        (alone, alone_s), (pair, pair_s) = await asyncio.gather(timed(5, [running]), timed(15, [running, "999999990"]))
+    status = alone[running]
+    assert status.state is JobState.UNKNOWN and alone_s < 5 + 2
+    assert status.reason.startswith("scheduler unavailable:") and "did not finish within 5 s" in status.reason
+    assert pair_s < 15 and all(s.state is JobState.UNKNOWN for s in pair.values())
+    assert all(s.reason.startswith("scheduler unavailable:") and "Unable to contact slurm controller" in s.reason
+               for s in pair.values())
+    assert (counting.count("sacct"), counting.count("scancel")) == (0, 0)
+    after = (await adapter.query([running]))[running]
+    assert (after.state, after.nodes) == (JobState.RUNNING, before.nodes)

@@ -215,10 +215,10 @@ ctld_up() { timeout 10 scontrol ping 2>/dev/null | grep -q 'is UP'; }
 # when slurmctld answers: against a dead controller sinfo retries for 9 s.
 nodes_state() { timeout 10 sinfo -h -N -o '%N %t' 2>/dev/null | sort -u; }
 
-# nodes_ready STATES: every node idle, mixed or allocated (not down, drained or not responding)
+# nodes_ready STATES: every node idle, mixed, allocated or planned for a pending job (not down, drained, not responding)
 nodes_ready() {
   local n
-  for n in "${NODES[@]}"; do grep -qE "^$n (idle|mix|alloc)\$" <<<"$1" || return 1; done
+  for n in "${NODES[@]}"; do grep -qE "^$n (idle|mix|alloc|plnd)\$" <<<"$1" || return 1; done
 }
 
 stop_slurm() {
@@ -268,7 +268,7 @@ wait_ready() {
         daemon_alive "$RUN/slurmd-$n.pid" slurmd || fail_with_logs "slurmd $n is not running"
       done
     fi
-    (( now < deadline )) || fail_with_logs "Slurm not ready after ${WAIT} s (want ${NODES[*]} idle/mix/alloc)"
+    (( now < deadline )) || fail_with_logs "Slurm not ready after ${WAIT} s (want ${NODES[*]} idle/mix/alloc/plnd)"
     sleep 0.2
   done
 }

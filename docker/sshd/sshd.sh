@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# The hpchub test SSH submit host: an OpenSSH sshd of its own on 127.0.0.1:2222 (key-only, not the
+# system's sshd), the service account hpchub-submit that SSHRunner logs in as, and a sudoers drop-in
+# that lets that account run exactly hpchub's scheduler commands as the test users alice and bob.
+#
+# Usage (as root): sshd.sh start|stop|status
+#   start    install openssh-server if missing; create the host key, the service account, its key
+#            pair and known_hosts (once); write the configuration and the sudoers drop-in (validated
+#            with visudo); start sshd detached (restarting it when its configuration changed) and wait
+#            until the service account can log in and run a command as alice through sudo. Idempotent.
+#   stop     stop this sshd and its sessions
+#   status   print whether it runs (exit 0 when it runs, 3 otherwise)
+# Env: HPCHUB_SSHD_WAIT  seconds to wait for sshd to accept the service account's key (default 30)
+#
+# What the hub side uses (root-only directory):
+#   /etc/hpchub-test-sshd/client/id_ed25519    the service account's private key
+#   /etc/hpchub-test-sshd/client/known_hosts   "[127.0.0.1]:2222 ssh-ed25519 ..." for this sshd
+# Log: /var/log/hpchub-test-sshd.log. The test users come from docker/slurm-cluster/cluster.sh.
+set -euo pipefail
+umask 022
+export DEBIAN_FRONTEND=noninteractive
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+DIR=/etc/hpchub-test-sshd
+CONF=$DIR/sshd_config
+HOST_KEY=$DIR/ssh_host_ed25519_key
+AUTH_DIR=$DIR/authorized_keys
+CLIENT_DIR=$DIR/client
+CLIENT_KEY=$CLIENT_DIR/id_ed25519
+KNOWN_HOSTS=$CLIENT_DIR/known_hosts
+SUDOERS=/etc/sudoers.d/hpchub-test-ssh     # no dot in the name: sudo skips such files in sudoers.d
+PIDFILE=/run/hpchub-test-sshd.pid
+RUNNING=/run/hpchub-test-sshd.running      # the configuration and host key the running sshd started with
+LOG=/var/log/hpchub-test-sshd.log
+LOCK=/run/hpchub-test-sshd.lock
+ADDR=127.0.0.1
+PORT=2222
+SERVICE_USER=hpchub-submit
+SERVICE_HOME=/var/lib/hpchub-submit
+TEST_USERS=(alice bob)
+WAIT=${HPCHUB_SSHD_WAIT:-30}
+T0=$(date +%s%N)
+
+log() { printf '[sshd.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+now_ns() { date +%s%N; }
+elapsed() { local ms=$(( ($(now_ns) - T0) / 1000000 )); printf '%d.%01d s' $((ms / 1000)) $((ms % 1000 / 100)); }
+
+# shellcheck source=docker/slurm-cluster/apt.sh
+source "$HERE/../slurm-cluster/apt.sh"
+trap remove_policy EXIT
+trap 'exit 130' INT TERM   # so that the EXIT trap runs
+
+# sshd_pid: the pid of this sshd, when it runs: not a zombie (kill -0 lies about those), and an sshd
+# started with our configuration (a stale pid file may name a reused pid)
+sshd_pid() {
+  local pid stat
+  [[ -s $PIDFILE ]] && pid=$(tr -dc 0-9 <"$PIDFILE") && [[ -n $pid ]] || return 1
+  stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+  [[ ${stat#*) } != [ZX]* ]] || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "-f $CONF " || return 1
+  echo "$pid"
+}
+
+# probe: log in as the service account with its key, the host key checked against known_hosts, and
+# run a command as the first test user through sudo; prints what came back
+probe() {
+  timeout 10 ssh -F none -i "$CLIENT_KEY" -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes \
+    -o UserKnownHostsFile="$KNOWN_HOSTS" -o GlobalKnownHostsFile=/dev/null -o ConnectTimeout=5 -p "$PORT" \
+    "$SERVICE_USER@$ADDR" sudo -n -u "${TEST_USERS[0]}" -- /usr/bin/id -un </dev/null 2>&1
+}
+login_works() { [[ $(probe) == "${TEST_USERS[0]}" ]]; }
+
+fail_with_log() {
+  log "ERROR: $1"
+  if [[ -s $LOG ]]; then printf -- '----- tail of %s -----\n' "$LOG" >&2; tail -n 20 "$LOG" >&2; fi
+  exit 1
+}
+
+# render TEMPLATE OUT: the template with its @NAME@ placeholders substituted
+render() {
+  local left runas
+  printf -v runas '%s, ' "${TEST_USERS[@]}"
+  sed -e "s|@DIR@|$DIR|g" -e "s|@ADDR@|$ADDR|g" -e "s|@PORT@|$PORT|g" -e "s|@PIDFILE@|$PIDFILE|g" \
+      -e "s|@SERVICE_USER@|$SERVICE_USER|g" -e "s|@RUNAS@|${runas%, }|g" \
+      "$1" >"$2"
+  if left=$(grep -n '@[A-Z_]*@' "$2"); then die "unknown placeholder left in $1: $left"; fi
+}
+
+# install_if_changed MODE FILE NEW: replace FILE by NEW when they differ; say whether it changed (exit 0)
+install_if_changed() {
+  if cmp -s "$3" "$2"; then rm -f "$3"; return 1; fi
+  install -m "$1" -o root -g root "$3" "$2"
+  rm -f "$3"
+}
+
+ensure_service_account() {
+  if ! id "$SERVICE_USER" >/dev/null 2>&1; then
+    log "creating the service account $SERVICE_USER"
+    useradd --system --user-group --shell /bin/sh --home-dir "$SERVICE_HOME" --create-home "$SERVICE_USER"
+  fi
+  # "*": no password, yet not locked ("!"), which sshd without PAM would refuse even for a key
+  [[ $(getent shadow "$SERVICE_USER" | cut -d: -f2) == '*' ]] || usermod -p '*' "$SERVICE_USER"
+}
+
+ensure_keys() {
+  install -d -m 755 -o root -g root "$DIR" "$AUTH_DIR"
+  install -d -m 700 -o root -g root "$CLIENT_DIR"
+  install -d -m 755 -o root -g root /run/sshd      # sshd's privilege separation directory
+  if [[ ! -s $HOST_KEY ]]; then
+    log "creating the host key $HOST_KEY"
+    rm -f "$HOST_KEY" "$HOST_KEY.pub"
+    ssh-keygen -q -t ed25519 -N '' -C "hpchub-test-sshd" -f "$HOST_KEY"
+  fi
+  if [[ ! -s $CLIENT_KEY ]]; then
+    log "creating the service account's key $CLIENT_KEY"
+    rm -f "$CLIENT_KEY" "$CLIENT_KEY.pub"
+    ssh-keygen -q -t ed25519 -N '' -C "$SERVICE_USER@hpchub-test" -f "$CLIENT_KEY"
+  fi
+  local tmp
+  # as docs/runners.md recommends: no forwarding, no pty, and only from the hub's address
+  tmp=$(mktemp); printf 'restrict,from="%s" %s\n' "$ADDR" "$(cat "$CLIENT_KEY.pub")" >"$tmp"
+  install_if_changed 644 "$AUTH_DIR/$SERVICE_USER" "$tmp" || true
+  tmp=$(mktemp); printf '[%s]:%s %s\n' "$ADDR" "$PORT" "$(cut -d' ' -f1,2 "$HOST_KEY.pub")" >"$tmp"
+  install_if_changed 644 "$KNOWN_HOSTS" "$tmp" || true
+}
+
+write_sudoers() {
+  local tmp out
+  tmp=$(mktemp)
+  render "$HERE/sudoers.in" "$tmp"
+  out=$(visudo -c -q -f "$tmp" 2>&1) || { rm -f "$tmp"; die "sudoers drop-in from $HERE/sudoers.in is invalid: $out"; }
+  if install_if_changed 440 "$SUDOERS" "$tmp"; then
+    log "writing $SUDOERS"
+    out=$(visudo -c -q 2>&1) || { rm -f "$SUDOERS"; die "sudoers invalid with $SUDOERS (removed it): $out"; }
+  fi
+}
+
+write_conf() {
+  local tmp out
+  tmp=$(mktemp)
+  render "$HERE/sshd_config.in" "$tmp"
+  out=$(/usr/sbin/sshd -t -f "$tmp" 2>&1) || { rm -f "$tmp"; die "sshd rejects the configuration: $out"; }
+  if install_if_changed 644 "$CONF" "$tmp"; then log "writing $CONF"; fi
+}
+
+# stop_sshd: TERM the listener's sessions and the listener (sessions outlive it otherwise); KILL after 10 s
+stop_sshd() {
+  local pid pids deadline
+  pid=$(sshd_pid) || { rm -f "$PIDFILE" "$RUNNING"; return 0; }
+  log "stopping sshd (pid $pid) and its sessions"
+  mapfile -t pids < <(ps -o pid= --ppid "$pid" | tr -d ' ')
+  kill -TERM "${pids[@]}" "$pid" 2>/dev/null || true
+  deadline=$(( $(now_ns) + 10000000000 ))
+  while sshd_pid >/dev/null && (( $(now_ns) < deadline )); do sleep 0.1; done
+  if sshd_pid >/dev/null; then log "sshd ignored SIGTERM for 10 s: SIGKILL"; kill -KILL "$pid" 2>/dev/null || true; fi
+  rm -f "$PIDFILE" "$RUNNING"
+}
+
+running_state() { cat "$CONF" "$HOST_KEY.pub"; }
+
+STARTED="nothing to start"
+start_sshd() {
+  if sshd_pid >/dev/null && ! cmp -s <(running_state) "$RUNNING"; then
+    log "the configuration or the host key changed: restarting sshd"
+    stop_sshd
+  fi
+  sshd_pid >/dev/null && return 0
+  rm -f "$PIDFILE"
+  log "starting sshd on $ADDR:$PORT"
+  running_state >"$RUNNING"
+  # -D: setsid detaches it instead, so no caller reading our output waits on the daemon; what sshd
+  # prints before it opens its -E log goes to the same file
+  # shellcheck disable=SC2094
+  setsid -f /usr/sbin/sshd -D -f "$CONF" -E "$LOG" </dev/null >>"$LOG" 2>&1 9>&-
+  STARTED="started sshd"
+}
+
+wait_ready() {
+  local start deadline
+  start=$(now_ns); deadline=$(( start + WAIT * 1000000000 ))
+  until login_works; do
+    # the pid file appears once sshd listens; without it after 5 s sshd has died
+    if (( $(now_ns) > start + 5000000000 )) && ! sshd_pid >/dev/null; then fail_with_log "sshd is not running"; fi
+    (( $(now_ns) < deadline )) || fail_with_log "$SERVICE_USER cannot log in after ${WAIT} s: $(probe | tail -n 3)"
+    sleep 0.2
+  done
+}
+
+start() {
+  local u
+  [[ $WAIT =~ ^[0-9]+$ ]] || die "HPCHUB_SSHD_WAIT must be a whole number of seconds, not '$WAIT'"
+  for u in "${TEST_USERS[@]}"; do
+    id "$u" >/dev/null 2>&1 || die "test user $u is missing: run docker/slurm-cluster/cluster.sh start first"
+  done
+  apt_install openssh-server openssh-client sudo
+  ensure_service_account
+  ensure_keys
+  write_sudoers
+  write_conf
+  start_sshd
+  wait_ready
+  echo "hpchub test sshd ready on $ADDR:$PORT in $(elapsed) (pid $(sshd_pid)): $SERVICE_USER, key $CLIENT_KEY," \
+       "known_hosts $KNOWN_HOSTS, sudo to ${TEST_USERS[*]}; $STARTED"
+}
+
+status() {
+  local pid
+  if pid=$(sshd_pid); then
+    echo "hpchub test sshd: running (pid $pid) on $ADDR:$PORT"
+  else
+    echo "hpchub test sshd: not running"
+    return 3
+  fi
+}
+
+take_lock() {
+  exec 9>"$LOCK"
+  flock -w 300 9 || die "another sshd.sh holds $LOCK"
+}
+
+require_root() {
+  ((EUID == 0)) || { echo "sshd.sh: $1 must run as root (packages, accounts, /etc, sudoers); try: sudo $0 $1" >&2
+                     exit 1; }
+}
+
+case "${1:-}" in
+  start) require_root start; take_lock; start ;;
+  stop) require_root stop; take_lock; stop_sshd ;;
+  status) status ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,248 @@
+"""Son of Grid Engine: qsub with the script on stdin, one `qstat -xml` for many jobs, qdel for many jobs.
+
+Verified against SGE 8.1.9 (Debian 12):
+- `qsub -terse` with no script argument reads the script from stdin, honours its `#$` lines and prints
+  the job id alone.
+- `qstat -xml -u '*' -s prsz` lists every job in one call: pending, running, suspended, and the last
+  `finished_jobs` (100 by default) that ended, as state "z" until sge_qmaster restarts. Asking for ids
+  needs `-j`, whose output is the long per-job detail; so the whole list is fetched and filtered here.
+- A job that ended is in the accounting file: `qacct -j ID`, which takes ONE id (`qacct -j 3,4` reads 3
+  only, `qacct -j 3 4` is a usage error) and reads the file without sge_qmaster. Records are written every
+  `flush_time` (15 s by default; `accounting_flush_time=00:00:00` in reporting_params: at once). It
+  records `failed 0` and the exit status; `failed 37 : qmaster enforced h_rt, h_cpu, or h_vmem limit`;
+  `failed 100 : assumedly after job` with exit status 137 for a running job deleted by qdel (SGE records
+  no more: a job killing itself with SIGKILL looks the same); a job deleted while pending has no record.
+- sge_qmaster down: every client exits 1 within 0.1 s with "error: commlib error: got select error
+  (Connection refused)" and "unable to send message to qmaster using port 6444 on host ...".
+- qdel answers each id on stdout and exits 1 when any failed: "U has registered the job N for deletion",
+  "U has deleted job N", "job N is already in deletion", 'denied: job "N" does not exist' (ended), and
+  'U - you do not have the necessary privileges to delete the job "N"'.
+- Grid Engine gives no start estimate for pending jobs: `estimated_start` stays None.
+"""
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from typing import ClassVar, Iterable, Sequence
+
+from .base import (Adapter, JobRequest, JobState, JobStatus, SchedulerError, SchedulerUnavailable,
+                   SubmitRejected)
+from .runner import CommandResult, Runner
+
+_JOB_ID = re.compile(r"[0-9]+")
+_UNREACHABLE = ("unable to send message to qmaster", "unable to contact qmaster", "commlib error")
+_TAG_CONTEXT = "hpchub_tag"
+_NOT_LISTED = "not in qstat and not looked up in the accounting file"
+# qdel's answers for an id whose job is being deleted or has ended: the goal of a cancel
+_CANCEL_DONE = re.compile(r'.* has registered the job (\d+) for deletion|.* has deleted job (\d+)'
+                          r'|job (\d+) is already in deletion|denied: job "(\d+)" does not exist')
+_FAILED_LIMIT = 37    # "qmaster enforced h_rt, h_cpu, or h_vmem limit"
+_FAILED_AFTER_JOB = 100
+_SIGKILL_EXIT = 128 + 9
+
+
+class SGEAdapter(Adapter):
+    name: ClassVar[str] = "sge"
+    template: ClassVar[str] = "sge.sh.j2"
+
+    def __init__(self, runner: Runner, *, command_timeout: float = 30.0, accounting_lookups: int = 10):
+        """`accounting_lookups`: at most this many `qacct` calls (one per job that left qstat) per query;
+        the jobs beyond stay UNKNOWN until a later query."""
+        super().__init__(runner, command_timeout=command_timeout)
+        self.accounting_lookups = accounting_lookups
+
+    def submit_argv(self, request: JobRequest) -> list[str]:
+        return ["qsub", "-terse"]
+
+    def parse_submit(self, stdout: str) -> str:
+        job_id = stdout.strip()
+        if not _JOB_ID.fullmatch(job_id):
+            raise SchedulerError(f"qsub printed no job id: {stdout!r}")
+        return job_id
+
+    def check_submit(self, result: CommandResult) -> None:
+        if result.returncode == 0:
+            return
+        message = _qsub_message(result.stderr) or result.stdout.strip()
+        if _unreachable(result):
+            # the job may exist all the same: the caller looks for its tag
+            raise SchedulerUnavailable(f"sge: qsub could not reach sge_qmaster: {message}", reason=message,
+                                       result=result)
+        raise SubmitRejected(f"sge refused the job: {message}", reason=message, result=result)
+
+    async def query(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
+        ids = list(dict.fromkeys(job_ids))
+        statuses = await super().query([i for i in ids if _JOB_ID.fullmatch(i)])
+        # only after a qstat that answered: left its list, or listed as ended ("z")
+        ended = [i for i, s in statuses.items() if s.reason == _NOT_LISTED or s.native_state == "z"]
+        for job_id in ended[:self.accounting_lookups]:
+            try:
+                statuses[job_id] = await self._from_accounting(statuses[job_id])
+            except SchedulerUnavailable:
+                break   # qacct timed out or is missing: the others would too
+        return {i: statuses.get(i) or JobStatus(i, JobState.UNKNOWN, reason="not a Grid Engine job id") for i in ids}
+
+    def query_argv(self, job_ids: Sequence[str]) -> list[str]:
+        return ["qstat", "-xml", "-u", "*", "-s", "prsz"]
+
+    def parse_query(self, result: CommandResult, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        if result.returncode != 0:
+            raise SchedulerUnavailable(f"sge: qstat failed (exit {result.returncode}): {result.stderr.strip()}",
+                                       reason=result.stderr.strip(), result=result)
+        wanted = set(job_ids)
+        statuses = {i: JobStatus(i, JobState.UNKNOWN, reason=_NOT_LISTED) for i in job_ids}
+        for job in _xml(result, "qstat -xml").iter("job_list"):
+            job_id, native = job.findtext("JB_job_number", ""), job.findtext("state", "")
+            if job_id in wanted and statuses[job_id].reason == _NOT_LISTED:   # an array job lists each task
+                host = job.findtext("queue_name", "").partition("@")[2]
+                state, reason = job_state(native)
+                statuses[job_id] = JobStatus(job_id, state, native_state=native, reason=reason,
+                                             nodes=(host,) if host else ())
+        return statuses
+
+    def tag_query_argv(self, tag: str) -> list[str]:
+        # the job context is only in the detailed listing; this lists every job's in one call
+        return ["qstat", "-j", "*", "-xml"]
+
+    def parse_tag_query(self, result: CommandResult, tag: str) -> list[str]:
+        if result.returncode != 0:
+            raise SchedulerUnavailable(f"sge: qstat -j failed: {result.stderr.strip()}", result=result)
+        # no job at all: exit 0 and <unknown_jobs>
+        return [job.findtext("JB_job_number", "") for job in _xml(result, "qstat -j").findall("djob_info/element")
+                if any(v.findtext("VA_variable") == _TAG_CONTEXT and v.findtext("VA_value") == tag
+                       for v in job.findall("JB_context/context_list"))]
+
+    def cancel_argv(self, job_ids: Sequence[str]) -> list[str]:
+        bad = [i for i in job_ids if not _JOB_ID.fullmatch(i)]
+        if bad:
+            raise ValueError(f"not Grid Engine job ids: {bad}")
+        return ["qdel", *job_ids]
+
+    def check_cancel(self, result: CommandResult, job_ids: Sequence[str]) -> None:
+        if result.returncode == 0:
+            return
+        if _unreachable(result):
+            raise SchedulerUnavailable(f"sge: qdel could not reach sge_qmaster: {result.stderr.strip()}",
+                                       reason=result.stderr.strip(), result=result)
+        failures = "\n".join(line for line in result.stdout.strip().splitlines() if not _CANCEL_DONE.fullmatch(line))
+        if failures or result.stderr.strip():
+            text = "\n".join(t for t in (failures, result.stderr.strip()) if t)
+            raise SchedulerError(f"sge: qdel {' '.join(job_ids)} failed: {text}", reason=text, result=result)
+
+    async def explain(self, job_id: str) -> str:
+        """Why a job waits or is in error, in SGE's words (`qstat -j ID`: one call per job, so asked on
+        demand, never by `query`). "" when SGE says nothing."""
+        if not _JOB_ID.fullmatch(job_id):
+            raise ValueError(f"not a Grid Engine job id: {job_id!r}")
+        result = await self._run(["qstat", "-j", job_id])
+        if result.returncode != 0:
+            if _unreachable(result):
+                raise SchedulerUnavailable(f"sge: qstat -j failed: {result.stderr.strip()}", result=result)
+            return result.stdout.strip() or result.stderr.strip()   # "Following jobs do not exist: ..."
+        return explanation(result.stdout)
+
+    async def _from_accounting(self, status: JobStatus) -> JobStatus:
+        """The end of a job that left qstat's list, from `qacct`. Without a record it stays UNKNOWN,
+        except a job qstat listed as ended: that one was deleted before it started."""
+        result = await self._run(["qacct", "-j", status.job_id])
+        record = parse_accounting(result.stdout, status.job_id) if result.returncode == 0 else None
+        if record is not None:
+            return record
+        if status.native_state == "z":
+            return JobStatus(status.job_id, JobState.CANCELLED, native_state="z",
+                             reason="ended without an accounting record: deleted before it started")
+        return JobStatus(status.job_id, JobState.UNKNOWN,
+                         reason="not in qstat, and no accounting record (qacct: "
+                                f"{result.stderr.strip() or result.stdout.strip()})")
+
+
+def job_state(native: str) -> tuple[JobState, str]:
+    """A qstat state ("qw", "hqw", "r", "t", "Rr", "s", "S", "T", "Eqw", "dr", "z"...), letter by letter,
+    as a JobState and a reason a person can read."""
+    if "E" in native:
+        return JobState.FAILED, "error state: the job cannot start (qstat -j tells why)"
+    if "d" in native:
+        return JobState.COMPLETING, "being deleted"
+    if native == "z":
+        return JobState.COMPLETING, "ended"   # its outcome is in the accounting file
+    for letter, reason in (("s", "suspended"), ("S", "suspended with its queue"),
+                           ("T", "suspended by a load threshold")):
+        if letter in native:
+            return JobState.PENDING, reason   # will resume, but its server cannot answer meanwhile
+    if "r" in native:
+        return JobState.RUNNING, ""
+    if "t" in native:
+        return JobState.PENDING, "being transferred to its host"
+    if "h" in native:
+        return JobState.PENDING, "on hold"
+    if "w" in native:
+        return JobState.PENDING, ""
+    return JobState.UNKNOWN, f"unknown Grid Engine state {native!r}"
+
+
+def parse_accounting(text: str, job_id: str) -> JobStatus | None:
+    """The job's last record in `qacct -j ID` output (a reused id has several), or None."""
+    records = [dict(_fields(block)) for block in text.split("=" * 62)]
+    records = [r for r in records if r.get("jobnumber") == job_id]
+    if not records:
+        return None
+    record = records[-1]
+    failed_code, _, failed_text = record.get("failed", "").partition(":")
+    exit_text = record.get("exit_status", "").split()
+    exit_status = int(exit_text[0]) if exit_text and exit_text[0].isdigit() else None
+    failed = int(failed_code) if failed_code.strip().isdigit() else None
+    reason = f"failed {failed}: {failed_text.strip()}" if failed else ""
+    nodes = (record["hostname"],) if record.get("hostname") else ()
+    if failed == 0:
+        state = JobState.COMPLETED if exit_status == 0 else JobState.FAILED
+    elif failed == _FAILED_LIMIT:
+        state = JobState.TIMEOUT
+    elif failed == _FAILED_AFTER_JOB and exit_status == _SIGKILL_EXIT:
+        state = JobState.CANCELLED
+    else:
+        state = JobState.FAILED
+    if failed not in (0, _FAILED_LIMIT, _FAILED_AFTER_JOB):
+        exit_status = None   # the job did not start: its exit status means nothing
+    return JobStatus(job_id, state, native_state=f"failed {failed}" if failed else "finished", reason=reason,
+                     nodes=nodes, exit_code=exit_status)
+
+
+def explanation(text: str) -> str:
+    """The "error reason" and "scheduling info" lines of `qstat -j ID` output."""
+    lines: list[str] = []
+    keep = False
+    for line in text.splitlines():
+        if line[:1].isspace():
+            if keep:
+                lines.append(line.strip())
+            continue
+        key, _, value = line.partition(":")
+        keep = key.startswith("error reason") or key == "scheduling info"
+        if keep:
+            lines.append(value.strip())
+    return "\n".join(lines)
+
+
+def _fields(block: str) -> Iterable[tuple[str, str]]:
+    for line in block.splitlines():
+        key, _, value = line.partition(" ")
+        if key:
+            yield key, value.strip()
+
+
+def _xml(result: CommandResult, what: str) -> ET.Element:
+    try:
+        return ET.fromstring(result.stdout)
+    except ET.ParseError as err:
+        raise SchedulerUnavailable(f"sge: {what} printed no XML ({err}): {result.stdout[:200]!r}",
+                                   result=result) from None
+
+
+def _unreachable(result: CommandResult) -> bool:
+    return any(text in result.stderr or text in result.stdout for text in _UNREACHABLE)
+
+
+def _qsub_message(stderr: str) -> str:
+    """qsub's reason without its frame: "Unable to run job: REASON" ... "Exiting." """
+    lines = [line.strip().removeprefix("Unable to run job: ") for line in stderr.strip().splitlines()]
+    return "\n".join(line for line in lines if line and line != "Exiting.")
