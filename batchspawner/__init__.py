@@ -4,6 +4,6 @@ A successor to the `batchspawner` package with the same import name: the two mus
 the same environment.
 """
 from . import api  # noqa: F401  (registers /hub/api/batchspawner)
-from .spawner import BatchSpawner, LocalBatchSpawner, SlurmSpawner
+from .spawner import BatchSpawner, GridEngineSpawner, LocalBatchSpawner, PBSSpawner, SlurmSpawner
 
-__all__ = ["BatchSpawner", "LocalBatchSpawner", "SlurmSpawner"]
+__all__ = ["BatchSpawner", "GridEngineSpawner", "LocalBatchSpawner", "PBSSpawner", "SlurmSpawner"]

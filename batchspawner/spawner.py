@@ -18,7 +18,7 @@ from jupyterhub.spawner import SpawnException, Spawner
 from traitlets import Float, Integer, List, Unicode, default, validate
 
 from hpchub.ledger import Ledger, shared_ledger
-from job_templates import TemplateValueError, render_job_script
+from job_templates import TemplateValueError, render_env_file, render_job_script
 from schedulers import (
     Adapter,
     InvalidRequest,
@@ -44,8 +44,13 @@ class BatchSpawner(Spawner):
 
     scheduler = Unicode(
         "slurm",
-        help="Scheduler adapter that submits, queries and cancels the jobs: slurm or local.",
+        help="Scheduler adapter that submits, queries and cancels the jobs: slurm, sge, pbs or local.",
     ).tag(config=True)
+
+    @validate("scheduler")
+    def _validate_scheduler(self, proposal: dict) -> str:
+        get_adapter(proposal["value"])  # ValueError naming the allowed schedulers
+        return proposal["value"]
 
     runner = Unicode(
         "auto",
@@ -109,6 +114,13 @@ class BatchSpawner(Spawner):
     job_log_dir = Unicode(
         "{home}/.hpchub/logs",
         help="Directory, created as the user, for job output; {home} and {username} are replaced.",
+    ).tag(config=True)
+
+    job_run_dir = Unicode(
+        "{home}/.hpchub/run",
+        help="Private directory (mode 0700), created as the user, for each job's environment file, which holds "
+        "the server's tokens: job scripts carry no secret, since schedulers keep scripts where others may read "
+        "them. It must be on a filesystem the compute nodes see. {home} and {username} are replaced.",
     ).tag(config=True)
 
     batchspawner_singleuser_cmd = List(
@@ -179,6 +191,7 @@ class BatchSpawner(Spawner):
     job_tag = Unicode("")
     job_host = Unicode("")
     job_port = Integer(0)
+    job_env_file = Unicode("")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -190,7 +203,8 @@ class BatchSpawner(Spawner):
     def get_state(self) -> dict:
         state = super().get_state()
         if self.job_id:
-            state.update(job_id=self.job_id, job_tag=self.job_tag, job_host=self.job_host, job_port=self.job_port)
+            state.update(job_id=self.job_id, job_tag=self.job_tag, job_host=self.job_host, job_port=self.job_port,
+                         job_env_file=self.job_env_file)
         return state
 
     def load_state(self, state: dict) -> None:
@@ -199,11 +213,11 @@ class BatchSpawner(Spawner):
         self.job_tag = state.get("job_tag", "")
         self.job_host = state.get("job_host", "")
         self.job_port = state.get("job_port", 0)
+        self.job_env_file = state.get("job_env_file", "")
 
     def clear_state(self) -> None:
         super().clear_state()
-        self.job_id = self.job_tag = self.job_host = ""
-        self.job_port = 0
+        self.clear_job()
 
     def _persist_state(self) -> None:
         """Save the job id now: JupyterHub saves state only after start() returns, and a hub restart
@@ -245,8 +259,7 @@ class BatchSpawner(Spawner):
     def _format(self, template: str, home: str) -> str:
         return template.format(home=home, username=self.user.name, servername=self.name or "")
 
-    async def build_request(self) -> JobRequest:
-        home = await self.user_home()
+    def build_request(self, home: str) -> JobRequest:
         log_dir = self._format(self.job_log_dir, home)
         try:
             return self._request(home, log_dir)
@@ -279,7 +292,7 @@ class BatchSpawner(Spawner):
                 self.job_template or self.adapter.template,
                 request,
                 user=self.user.name,
-                env=self.get_env(),
+                env_file=self.job_env_file,
                 command=[*self.batchspawner_singleuser_cmd, *self.cmd, *self.get_args()],
                 template_dirs=self.job_template_dirs,
             )
@@ -299,9 +312,11 @@ class BatchSpawner(Spawner):
         self._refuse_root()
         self.job_tag = uuid.uuid4().hex
         self._port = asyncio.get_running_loop().create_future()
-        request = await self.build_request()
+        home = await self.user_home()
+        request = self.build_request(home)
+        self.job_env_file = os.path.join(self._format(self.job_run_dir, home), f"{self.job_tag}.env")
         script = self.render_script(request)
-        await self._make_log_dir(os.path.dirname(request.output or ""))
+        await self._write_job_files(os.path.dirname(request.output or ""), render_env_file(self.get_env()))
         await self.ledger.record_submission(tag=self.job_tag, user=self.user.name, server_name=self.name or "",
                                             cluster=self.scheduler, request=request, script=script,
                                             log_path=request.output or "")
@@ -309,9 +324,11 @@ class BatchSpawner(Spawner):
             self.job_id = await self.adapter.submit(script, request, user=self.run_as)
         except SubmitRejected as err:
             await self.ledger.rejected(self.job_tag, err.reason)
+            await self._remove_env_file()
             raise SpawnException(f"The scheduler refused the job: {err.reason}", reason="submit-rejected") from err
         except SchedulerError as err:
             await self.ledger.rejected(self.job_tag, str(err))
+            await self._remove_env_file()
             raise SpawnException(f"The scheduler could not be reached to submit the job: {err}",
                                  reason="scheduler-unavailable", status_code=503) from err
         await self.ledger.submitted(self.job_tag, self.job_id)
@@ -326,6 +343,7 @@ class BatchSpawner(Spawner):
         except BaseException:
             await self._cancel_quietly()
             self.poller.untrack(self.job_id)
+            await self._remove_env_file()
             raise
         self._persist_state()
         self._event(f"Server in job {self.job_id} listens on {self.job_host}:{self.job_port}", 90)
@@ -341,21 +359,34 @@ class BatchSpawner(Spawner):
             )
 
     def clear_job(self) -> None:
-        self.job_id = self.job_tag = self.job_host = ""
+        self.job_id = self.job_tag = self.job_host = self.job_env_file = ""
         self.job_port = 0
         self._events = []
 
-    async def _make_log_dir(self, path: str) -> None:
-        if not path:
+    async def _as_user(self, argv: list[str], what: str, *, stdin: str | None = None) -> None:
+        """Run a file command as the job's user; failures become a SpawnException saying `what` failed."""
+        try:
+            result = await self.adapter.runner.run(argv, user=self.run_as, stdin=stdin, timeout=self.command_timeout)
+        except SchedulerError as err:
+            raise SpawnException(f"Cannot {what}: {err}", reason="job-files") from err
+        if result.returncode != 0:
+            raise SpawnException(f"Cannot {what}: {result.stderr.strip()}", reason="job-files")
+
+    async def _write_job_files(self, log_dir: str, env_text: str) -> None:
+        run_dir = os.path.dirname(self.job_env_file)
+        if log_dir:
+            await self._as_user(["mkdir", "-p", "--", log_dir], f"create the job log directory {log_dir}")
+        await self._as_user(["install", "-d", "-m", "700", "--", run_dir], f"create the private directory {run_dir}")
+        await self._as_user(["dd", f"of={self.job_env_file}", "status=none"],
+                            f"write the job environment file {self.job_env_file}", stdin=env_text)
+
+    async def _remove_env_file(self) -> None:
+        if not self.job_env_file:
             return
         try:
-            result = await self.adapter.runner.run(["mkdir", "-p", "--", path], user=self.run_as,
-                                                   timeout=self.command_timeout)
-        except SchedulerError as err:
-            raise SpawnException(f"Cannot create the job log directory {path}: {err}", reason="log-dir") from err
-        if result.returncode != 0:
-            raise SpawnException(f"Cannot create the job log directory {path}: {result.stderr.strip()}",
-                                 reason="log-dir")
+            await self._as_user(["rm", "-f", "--", self.job_env_file], f"remove {self.job_env_file}")
+        except SpawnException as err:
+            self.log.warning("%s", err)
 
     @property
     def poller(self) -> JobPoller:
@@ -490,6 +521,7 @@ class BatchSpawner(Spawner):
                              self.stop_timeout)
         finally:
             self.poller.untrack(self.job_id)
+            await self._remove_env_file()
 
     # -- progress -----------------------------------------------------------------------------
     def _event(self, message: str, progress: int) -> None:
@@ -517,6 +549,32 @@ class SlurmSpawner(BatchSpawner):
     @default("scheduler")
     def _default_scheduler(self) -> str:
         return "slurm"
+
+
+class GridEngineSpawner(BatchSpawner):
+    """Single-user servers as (Son of) Grid Engine jobs."""
+
+    @default("scheduler")
+    def _default_scheduler(self) -> str:
+        return "sge"
+
+
+class PBSSpawner(BatchSpawner):
+    """Single-user servers as PBS Pro / Torque jobs."""
+
+    pbs_exec = Unicode(
+        "/opt/pbs",
+        allow_none=True,
+        help="PBS_EXEC of the site's pbs.conf: commands run as PBS_EXEC/bin/qsub... (sudo's secure_path rarely "
+        "holds it). None: find qsub, qstat and qdel on the runner's PATH.",
+    ).tag(config=True)
+
+    @default("scheduler")
+    def _default_scheduler(self) -> str:
+        return "pbs"
+
+    def adapter_kwargs(self) -> dict:
+        return {"pbs_exec": self.pbs_exec}
 
 
 class LocalBatchSpawner(BatchSpawner):

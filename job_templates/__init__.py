@@ -83,15 +83,20 @@ def render_job_script(
     request: JobRequest,
     *,
     user: str,
-    env: Mapping[str, str],
+    env_file: str,
     command: Sequence[str],
     template_dirs: Sequence[str] = (),
 ) -> str:
     """Render `template` (searched in `template_dirs` first, then the packaged templates).
 
-    `env` is exported in the script body (it may hold secrets: the script is private to the job);
-    `command` is the argv that starts the single-user server.
+    The script holds no secret: it sources `env_file` (see `render_env_file`), written where only the user
+    can read it. `command` is the argv that starts the single-user server.
     """
     return _environment(tuple(template_dirs)).get_template(template).render(
-        request=request, user=user, env=dict(env), command=list(command)
+        request=request, user=user, env_file=env_file, command=list(command)
     )
+
+
+def render_env_file(env: Mapping[str, str]) -> str:
+    """The job's environment as shell `export` lines, every value quoted."""
+    return "".join(f"export {env_name(name)}={sh(value)}\n" for name, value in sorted(env.items()))

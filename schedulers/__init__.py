@@ -1,19 +1,23 @@
-"""Scheduler adapters (Slurm, the embedded localq) and the runners that execute their commands."""
+"""Scheduler adapters (Slurm, Grid Engine, PBS, the embedded localq) and the runners that execute their commands."""
 from __future__ import annotations
 
 from .base import (Adapter, CommandTimeout, InvalidRequest, JobRequest, JobState, JobStatus, SchedulerError,
                    SchedulerUnavailable, SubmitRejected)
 from .local import LocalAdapter
+from .pbs import PBSAdapter
 from .runner import CommandResult, LocalRunner, Runner, SudoRunner
+from .sge import SGEAdapter
 from .slurm import SlurmAdapter
 
 __all__ = [
     "Adapter", "CommandResult", "CommandTimeout", "InvalidRequest", "JobRequest", "JobState", "JobStatus",
-    "LocalAdapter", "LocalRunner", "Runner", "SchedulerError", "SchedulerUnavailable", "SlurmAdapter", "SubmitRejected",
-    "SSHRunner", "SudoRunner", "get_adapter",
+    "LocalAdapter", "LocalRunner", "PBSAdapter", "Runner", "SchedulerError", "SchedulerUnavailable", "SGEAdapter",
+    "SlurmAdapter", "SSHRunner", "SubmitRejected", "SudoRunner", "get_adapter",
 ]
 
-_ADAPTERS: dict[str, type[Adapter]] = {"slurm": SlurmAdapter, "local": LocalAdapter}
+_ADAPTERS: dict[str, type[Adapter]] = {
+    "slurm": SlurmAdapter, "sge": SGEAdapter, "pbs": PBSAdapter, "local": LocalAdapter,
+}
 
 
 def __getattr__(name: str):

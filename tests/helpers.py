@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence, TypeVar
 
+from job_templates import render_env_file
 from schedulers import CommandResult, JobStatus, Runner
 
 T = TypeVar("T")
@@ -60,3 +62,12 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def env_file(directory: Path, env: dict[str, str], owner: str = "alice") -> str:
+    """Write a job environment file as the spawner does (0600, the job user's) and return its path."""
+    path = directory / "job.env"
+    path.write_text(render_env_file(env))
+    path.chmod(0o600)
+    shutil.chown(path, owner)
+    return str(path)

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 from jinja2.exceptions import SecurityError, UndefinedError
 
-from job_templates import TemplateValueError, dhms, directive, hms, render_job_script
+from job_templates import TemplateValueError, dhms, directive, hms, render_env_file, render_job_script
 from schedulers.base import InvalidRequest, JobRequest
 
 REQUEST = JobRequest(
@@ -19,7 +19,8 @@ COMMAND = ["/opt/hpchub/bin/batchspawner-singleuser", "jupyterhub-singleuser", "
 
 
 def render(template: str, request: JobRequest = REQUEST, **kwargs) -> str:
-    return render_job_script(template, request, user="alice", env=ENV, command=COMMAND, **kwargs)
+    return render_job_script(template, request, user="alice", env_file="/home/alice/.hpchub/run/x.env",
+                             command=COMMAND, **kwargs)
 
 
 def test_slurm_directives_are_exactly_the_requested_ones():
@@ -43,14 +44,17 @@ def test_local_directives():
     ]
 
 
-def test_values_reach_the_shell_quoted(tmp_path):
-    """Run the script's body in bash (with exec replaced by printing argv) and compare what bash sees."""
-    script = render("slurm.sh.j2", REQUEST.__class__(**{**REQUEST.__dict__, "env_setup": ()}))
+def test_the_script_holds_no_secret_and_sources_the_environment_file(tmp_path):
+    """Run the script's body in bash (exec replaced by printing) and compare what bash sees."""
+    env_path = tmp_path / "job.env"
+    env_path.write_text(render_env_file(ENV))
+    script = render_job_script("slurm.sh.j2", JobRequest(name="n", tag="t"), user="alice", env_file=str(env_path),
+                               command=COMMAND)
+    assert "s3cret" not in script
     probe = script.replace("exec ", "printf '%s\\n' \"$JUPYTERHUB_API_TOKEN\" \"$ODD\" ", 1)
     out = subprocess.run(["bash", "-c", probe.split("\n", 1)[1]], capture_output=True, text=True, timeout=10)
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert lines[1:] == ["s3cret token", "it's $(rm -rf ~) `x`", *COMMAND]
+    assert out.stdout.splitlines()[1:] == ["s3cret token", "it's $(rm -rf ~) `x`", *COMMAND]
 
 
 @pytest.mark.parametrize("field,value", [
@@ -74,7 +78,7 @@ def test_the_directive_filter_refuses_what_validation_would(value):
 
 def test_bad_env_name_is_refused():
     with pytest.raises(TemplateValueError):
-        render_job_script("slurm.sh.j2", REQUEST, user="alice", env={"A=B": "x"}, command=["x"])
+        render_env_file({"A=B": "x"})
 
 
 def test_admin_template_dir_overrides_and_typos_fail(tmp_path):

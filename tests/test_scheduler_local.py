@@ -265,7 +265,7 @@ async def test_lost_submit_answer_is_found_by_the_jobs_tag(python, spool, shared
     adapter = LocalAdapter(counting, spool_dir=spool, python=str(silent), kill_grace_s=0.5, command_timeout=3)
     request = JobRequest(name="hpchub-test", tag=f"hpchub-test-{uuid.uuid4().hex}", walltime_s=60,
                          workdir=str(shared_dir), output=f"{shared_dir}/localq-%j.out")
-    script = render_job_script(adapter.template, request, user="alice", env={}, command=["sleep", "60"])
+    script = render_job_script(adapter.template, request, user="alice", env_file="/dev/null", command=["sleep", "60"])
     started = time.monotonic()
     job_id = await adapter.submit(script, request, user="alice")
     cleanup.append(job_id)

@@ -322,7 +322,7 @@ async def test_rendered_job_is_found_by_its_tag_when_the_qsub_answer_is_lost(pbs
                          output=f"{shared_dir}/logs/jupyterhub-%j.log")
     (shared_dir / "logs").mkdir(mode=0o777)
     (shared_dir / "logs").chmod(0o777)
-    text = render_job_script("pbs.sh.j2", request, user="alice", env={"HPCHUB_GREETING": "hello world"},
+    text = render_job_script("pbs.sh.j2", request, user="alice", env_file=helpers.env_file(shared_dir, {"HPCHUB_GREETING": "hello world"}),
                              command=["/bin/sh", "-c", 'echo "$HPCHUB_GREETING from $(pwd) with $NCPUS CPUs"; '
                                                        "exec sleep 300"])
     adapter = adapter_for(pbs, LosesQsubAnswers(SudoRunner()))
@@ -347,7 +347,7 @@ def test_template_directives():
                          walltime_s=5400, partition="debug", account="physics", qos="high", constraint="haswell",
                          workdir="/home/alice", output="/home/alice/.hpchub/logs/jupyterhub-%j.log",
                          env_setup=("module load python/3.11",), extra_directives=("-m n",))
-    text = render_job_script("pbs.sh.j2", request, user="alice", env={}, command=["jupyterhub-singleuser"])
+    text = render_job_script("pbs.sh.j2", request, user="alice", env_file="/dev/null", command=["jupyterhub-singleuser"])
     lines = text.splitlines()
     assert [line for line in lines if line.startswith("#PBS")] == [
         "#PBS -N jupyterhub-alice_smith-0123abcd", "#PBS -l select=2:ncpus=4:mem=2048mb:ngpus=1",
@@ -359,7 +359,7 @@ def test_template_directives():
                         "module load python/3.11"]
     reserved = render_job_script("pbs.sh.j2", JobRequest(name="n", tag="t", partition="debug", reservation="R42",
                                                          error="/tmp/e-%j"),
-                                 user="alice", env={}, command=["x"])
+                                 user="alice", env_file="/dev/null", command=["x"])
     assert "#PBS -q R42" in reserved and "#PBS -o" not in reserved and "\nexec 2>/tmp/e-\"$PBS_JOBID\"''\n" in reserved
 
 

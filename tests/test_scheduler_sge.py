@@ -51,7 +51,7 @@ class RecordedRunner(Runner):
 
 
 def down(name: str) -> tuple[int, str, str]:
-    """A recorded "exit N" + stderr of a command run while sge_qmaster was stopped."""
+    """A recorded "exit N" line and stderr (most of a command run while sge_qmaster was stopped)."""
     status, _, stderr = fixture(name).partition("\n")
     return int(status.removeprefix("exit ")), "", stderr
 
@@ -132,19 +132,27 @@ def test_accounting_records():
         assert status is not None and (status.state, status.exit_code, status.reason) == expected, role
         assert status.nodes == ("vm",)
     assert parse_accounting(fixture("qacct-exit0.txt"), "1") is None
-    # a job that never started (failed 28: bad working directory) has no meaningful exit status
-    never_ran = fixture("qacct-exit0.txt").replace("failed       0", "failed       28  : changing into working directory")
-    status = parse_accounting(never_ran, RECORDED["exit0"])
-    assert status is not None and (status.state, status.exit_code) == (JobState.FAILED, None)
+    # a job that never started (its working directory is missing: "Eqw") has no meaningful exit status
+    status = parse_accounting(fixture("qacct-error.txt"), RECORDED["error"])
+    assert status is not None and (status.state, status.exit_code, status.reason) == (
+        JobState.FAILED, None, "failed 28: changing into working directory")
 
 
 @pytest.mark.asyncio
 async def test_tag_found_in_the_job_context_in_one_call():
-    runner = CountingRunner(RecordedRunner({("qstat", "-j", "*", "-xml"): (0, fixture("qstat-j-all.xml"), "")}))
+    runner = CountingRunner(RecordedRunner({("qstat", "-j", "*"): (0, fixture("qstat-j-all.txt"), "")}))
     adapter = SGEAdapter(runner)
     assert await adapter.find_by_tag("tag-of-held") == [RECORDED["held"]]
     assert await adapter.find_by_tag("no-such-tag") == []
-    assert len(runner.calls) == 2
+    assert await adapter.find_by_tag("tag") == []
+    assert len(runner.calls) == 3
+    # no job at all: qstat -j exits 1 with "Following jobs do not exist"
+    none = RecordedRunner({("qstat", "-j", "*"): down("qstat-j-none.txt")})
+    assert "Following jobs do not exist" in none.answers[("qstat", "-j", "*")][2]
+    assert SGEAdapter(none).parse_tag_query(await none.run(["qstat", "-j", "*"]), "tag") == []
+    gone = RecordedRunner({("qstat", "-j", "*"): down("qstat-qmaster-down.txt")})
+    with pytest.raises(SchedulerUnavailable, match="commlib error"):
+        SGEAdapter(gone).parse_tag_query(await gone.run(["qstat", "-j", "*"]), "tag")
 
 
 def test_explanation_of_waiting_and_error_jobs():
@@ -161,7 +169,7 @@ async def test_qmaster_down_is_unavailable_never_gone():
         QSTAT: down("qstat-qmaster-down.txt"),
         ("qsub", "-terse"): down("qsub-qmaster-down.txt"),
         ("qdel", "42"): down("qdel-qmaster-down.txt"),
-        ("qstat", "-j", "*", "-xml"): down("qstat-qmaster-down.txt"),
+        ("qstat", "-j", "*"): down("qstat-qmaster-down.txt"),
     }))
     statuses = await adapter.query(["42", "43"])
     assert {s.state for s in statuses.values()} == {JobState.UNKNOWN}
@@ -175,19 +183,19 @@ async def test_qmaster_down_is_unavailable_never_gone():
 
 @pytest.mark.asyncio
 async def test_recorded_qsub_and_qdel_answers():
-    qsub_rejected = (1, "", fixture("qsub-rejected.txt"))
-    adapter = SGEAdapter(RecordedRunner({("qsub", "-terse"): qsub_rejected,
-                                         ("qdel", "30", "33", "999999"): (1, fixture("qdel-mixed.txt"), "")}))
+    held, done = RECORDED["held"], RECORDED["exit0"]
+    adapter = SGEAdapter(RecordedRunner({("qsub", "-terse"): (1, "", fixture("qsub-rejected.txt")),
+                                         ("qdel", held, done, "999999"): (1, fixture("qdel-mixed.txt"), "")}))
     with pytest.raises(SubmitRejected) as error:
         await adapter.submit("#!/bin/bash\ntrue\n", REQUEST)
     assert error.value.reason == 'Job was rejected because job requests unknown queue "nosuch.q"'
-    # bob may not delete alice's job 30; 33 and 999999 are over: only the first is an error
-    with pytest.raises(SchedulerError, match="privileges") as error:
-        await adapter.cancel(["30", "33", "999999"])
+    # bob may not delete alice's held job; the ended one and 999999 are over: only the first is an error
+    with pytest.raises(SchedulerError, match=f'privileges to delete the job "{held}"') as error:
+        await adapter.cancel([held, done, "999999"])
     assert not isinstance(error.value, SchedulerUnavailable)
-    assert "33" not in error.value.reason
+    assert error.value.reason.count("\n") == 0
     ended = "\n".join(line for line in fixture("qdel-mixed.txt").splitlines() if "privileges" not in line)
-    await SGEAdapter(RecordedRunner({("qdel", "33", "999999"): (1, ended, "")})).cancel(["33", "999999"])
+    await SGEAdapter(RecordedRunner({("qdel", done, "999999"): (1, ended, "")})).cancel([done, "999999"])
 
 
 def test_template_directives():
@@ -195,7 +203,7 @@ def test_template_directives():
                          partition="short.q", account="hpchub", reservation="12", constraint="infiniband",
                          workdir="/home/alice", output="/home/alice/logs/jupyterhub-%j.log",
                          extra_directives=("-m n",))
-    script = render_job_script("sge.sh.j2", request, user="alice", env={}, command=["true"])
+    script = render_job_script("sge.sh.j2", request, user="alice", env_file="/dev/null", command=["true"])
     assert [line for line in script.splitlines() if line.startswith("#$")] == [
         "#$ -N jupyterhub-alice", "#$ -ac hpchub_tag=0123abcd", "#$ -S /bin/bash", "#$ -w e", "#$ -pe smp 4",
         "#$ -l h_vmem=513M", "#$ -l gpu=1", "#$ -l h_rt=01:30:00", "#$ -q short.q", "#$ -P hpchub", "#$ -ar 12",
@@ -203,7 +211,7 @@ def test_template_directives():
         "#$ -m n",
     ]
     small = render_job_script("sge.sh.j2", JobRequest(name="n", tag="t", nodes=2, cores=3, error="/tmp/e-%j"),
-                              user="alice", env={}, command=["true"])
+                              user="alice", env_file="/dev/null", command=["true"])
     assert "#$ -pe mpi 6\n" in small and "#$ -e /tmp/e-$JOB_ID\n" in small
     assert "-j y" not in small and "h_vmem" not in small and "-q " not in small and "-P " not in small
 
@@ -261,7 +269,7 @@ async def test_rendered_job_runs_as_alice_and_ends_failed_with_its_exit_code(cou
                          output=f"{shared_dir}/jupyterhub-%j.log")
     body = (f'echo "user=$(id -un) cwd=$PWD queue=$QUEUE pe=$PE slots=$NSLOTS vmem_kb=$(ulimit -v) '
             f'token=$HPCHUB_TOKEN"; while [ ! -e {go} ]; do sleep 0.1; done; exit 3')
-    text = render_job_script("sge.sh.j2", request, user="alice", env={"HPCHUB_TOKEN": "not in argv"},
+    text = render_job_script("sge.sh.j2", request, user="alice", env_file=helpers.env_file(shared_dir, {"HPCHUB_TOKEN": "not in argv"}),
                              command=["/bin/bash", "-c", body])
     job_id = await adapter.submit(text, request, user="alice")
     jobs.append(job_id)
@@ -287,16 +295,10 @@ async def test_query_of_54_jobs_is_one_qstat(counting, jobs, shared_dir):
     sleepers = await submit_all(adapter, jobs, [script(shared_dir, "sleep 300")] * 10)
     held = await submit_all(adapter, jobs, [script(shared_dir, "true", "-h")] * 44)
     ids = sleepers + held
-    queries = 0
-
-    async def query():
-        nonlocal queries
-        queries += 1
-        return await adapter.query(ids)
-
-    statuses = await wait_until(query, lambda s: sum(s[i].state is JobState.RUNNING for i in sleepers) == 8)
-    assert counting.count("qstat") == queries and counting.count("qacct") == 0
-    assert all(argv == QSTAT for argv in counting.calls if argv[0] == "qstat")
+    await wait_until(lambda: adapter.query(ids), lambda s: sum(s[i].state is JobState.RUNNING for i in sleepers) == 8)
+    before = len(counting.calls)
+    statuses = await adapter.query(ids)
+    assert counting.calls[before:] == [QSTAT]
     running = [statuses[i] for i in sleepers if statuses[i].state is JobState.RUNNING]
     waiting = [statuses[i] for i in sleepers if statuses[i].state is not JobState.RUNNING]
     assert all(s.nodes == (socket.gethostname(),) and s.native_state == "r" for s in running)
@@ -340,7 +342,7 @@ async def test_rejections_carry_sges_message(counting, shared_dir):
     assert error.value.reason == 'Job was rejected because job requests unknown queue "nosuch.q"'
     # the template's `-w e`: a job no queue can ever run is refused at once, not left pending
     too_big = JobRequest(name="too-big", tag="too-big", cores=16, partition="short.q")
-    text = render_job_script("sge.sh.j2", too_big, user="alice", env={}, command=["true"])
+    text = render_job_script("sge.sh.j2", too_big, user="alice", env_file="/dev/null", command=["true"])
     with pytest.raises(SubmitRejected, match="no suitable queues"):
         await adapter.submit(text, too_big, user="alice")
     with pytest.raises(SubmitRejected, match='requested project "nosuch" does not exist'):

@@ -521,7 +521,7 @@ async def test_lost_sbatch_answer_is_found_by_the_jobs_tag(jobs, shared_dir, tes
     adapter = SlurmAdapter(counting, command_timeout=3)
     request = JobRequest(name="hpchub-test", tag=f"hpchub-test-{uuid.uuid4().hex}", walltime_s=300,
                          output=f"{shared_dir}/slurm-%j.out")
-    job_script = render_job_script(adapter.template, request, user="alice", env={}, command=["sleep", "300"])
+    job_script = render_job_script(adapter.template, request, user="alice", env_file="/dev/null", command=["sleep", "300"])
     started = time.monotonic()
     job_id = await adapter.submit(job_script, request, user="alice")
     jobs.append(job_id)

@@ -154,7 +154,7 @@ ensure_users() {
 }
 
 # --- configuration ------------------------------------------------------------------------------
-# qconf's show / add-from-file / modify-from-file options per kind of object in sge.conf.in
+# qconf's show and modify-from-file options per kind of object in sge.conf.in
 declare -A SHOW=([global]=-sconf [sched]=-ssconf [complex]=-sc [hostgroup]=-shgrp [exechost]=-se
                  [project]=-sprj [userset]=-su [queue]=-sq [pe]=-sp)
 declare -A MODIFY=([global]=-Mconf [sched]=-Msconf [complex]=-Mc [hostgroup]=-Mhgrp [exechost]=-Me
@@ -321,12 +321,8 @@ start() {
   start_daemon sge_qmaster
   wait_until "$WAIT" qmaster_answers || fail_with_logs "sge_qmaster does not answer qstat"
   configure
-  if [[ " ${STARTED[*]} " == *" sge_qmaster "* ]] && alive sge_execd; then
-    # a running execd takes 15-20 s to report to a new qmaster, and its queues take no jobs until
-    # then; a new one reports at once (running jobs go on: it takes them back from their shepherds)
-    log "sge_qmaster was started: restarting sge_execd so that it reports at once"
-    stop_pidfile "$(pidfile sge_execd)" sge_execd
-  fi
+  # A running execd takes 15-20 s to report to a new qmaster. Restarting it would be quicker, but a
+  # new execd notices the end of a job it took over from the old one only about a minute late.
   start_daemon sge_execd
   repair_queues
   if ! wait_until "$WAIT" queues_ready; then
