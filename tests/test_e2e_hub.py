@@ -199,6 +199,43 @@ def test_job_id_is_saved_and_shown_while_the_job_waits(hub_factory, slurm_cluste
              "the hub to forget the pending server")
 
 
+@pytest.fixture(scope="session")
+def sge_cluster() -> None:
+    up = shutil.which("qstat") is not None and subprocess.run(
+        ["qstat", "-u", "*"], capture_output=True, timeout=30).returncode == 0
+    require_service("Grid Engine", up, "run `docker/sge-cluster/cluster.sh start` as root")
+
+
+def sge_job_listed(job_id: str) -> bool:
+    out = subprocess.run(["qstat", "-u", "*"], capture_output=True, text=True, timeout=30).stdout
+    return any(line.split()[:1] == [job_id] for line in out.splitlines())
+
+
+def test_grid_engine_by_changing_one_name_and_no_token_in_the_job_script(hub_factory, sge_cluster, test_users):
+    hub = hub_factory(LOGIN + 'c.JupyterHub.spawner_class = "sge"\n')
+    browser = Browser(hub.url)
+    browser.login("alice", PASSWORD)
+    server = spawn_until_ready(hub, browser, "alice")
+    job_id, env_file = server["state"]["job_id"], Path(server["state"]["job_env_file"])
+    assert sge_job_listed(job_id)
+    assert_reachable_through_proxy(browser, "alice")
+    alice = Path("/home/alice").stat().st_uid
+    assert [pid for pid, env in singleuser_processes(alice) if env.get("JOB_ID") == job_id]
+
+    # the token reaches the job through a file only alice can read, never the script Grid Engine
+    # leaves world-readable on the node, nor the job's description
+    assert env_file.stat().st_uid == alice and env_file.parent.stat().st_mode & 0o777 == 0o700
+    token = re.search(r"^export JUPYTERHUB_API_TOKEN=(\S+)$", env_file.read_text(), re.M).group(1).strip("'")
+    [script] = Path("/var/spool/gridengine/execd").glob(f"*/job_scripts/{job_id}")
+    assert token not in script.read_text() and "JUPYTERHUB_API_TOKEN" not in script.read_text()
+    described = subprocess.run(["qstat", "-j", job_id], capture_output=True, text=True, timeout=30).stdout
+    assert job_id in described and token not in described
+
+    assert browser.api("DELETE", "/users/alice/server").status_code in (202, 204)
+    wait_for(lambda: not sge_job_listed(job_id), 10, f"job {job_id} to leave qstat", 0.2)
+    wait_for(lambda: not env_file.exists(), 10, "the environment file to be removed")
+
+
 @pytest.fixture
 def local_spool():
     # under /tmp, not pytest's 0700 tmp dir: the jobs run as alice and create their job dirs here
