@@ -169,7 +169,17 @@ class BatchSpawner(Spawner):
         "filesystem can be slow).",
     ).tag(config=True)
 
-    stop_timeout = Float(10.0, help="Seconds stop() waits for the job to leave the queue.").tag(config=True)
+    stop_timeout = Float(
+        10.0,
+        help="Seconds stop() waits for the scheduler to confirm the job ended; the cancel then goes on in the "
+        "background (cancel_retry_timeout).",
+    ).tag(config=True)
+
+    cancel_retry_timeout = Float(
+        3600.0,
+        help="Seconds a cancel is retried in the background while the scheduler cannot be reached; a hub "
+        "restarted meanwhile finishes it (the job ledger keeps it CANCELLING).",
+    ).tag(config=True)
 
     log_tail_lines = Integer(40, min=0, help="Lines of the job's output shown when a job fails.").tag(config=True)
 
@@ -196,6 +206,7 @@ class BatchSpawner(Spawner):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._port: asyncio.Future[int] | None = None
+        self._resume: tuple[str, str, str] | None = None
         self._events: list[dict] = []
         self._events_changed = asyncio.Event()
 
@@ -308,12 +319,32 @@ class BatchSpawner(Spawner):
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> tuple[str, int]:
-        self.clear_job()
         self._refuse_root()
-        self.job_tag = uuid.uuid4().hex
         self._port = asyncio.get_running_loop().create_future()
+        self._events = []
         home = await self.user_home()
-        request = self.build_request(home)
+        if await self._adopt_queued_job():
+            request = self.build_request(home)
+        else:
+            self.clear_job()
+            self.job_tag = uuid.uuid4().hex
+            request = self.build_request(home)
+            await self._submit(home, request)
+        try:
+            status = await self._wait_until_running(request)
+            self.job_host = self.node_host(status)
+            self._event(f"Job {self.job_id} is running on {self.job_host}; starting JupyterLab", 50)
+            self.job_port = await self._wait_for_port(request)
+        except BaseException:
+            await self._cancel_quietly()
+            self.poller.untrack(self.job_id)
+            await self._remove_env_file()
+            raise
+        self._persist_state()
+        self._event(f"Server in job {self.job_id} listens on {self.job_host}:{self.job_port}", 90)
+        return self.job_host, self.job_port
+
+    async def _submit(self, home: str, request: JobRequest) -> None:
         self.job_env_file = os.path.join(self._format(self.job_run_dir, home), f"{self.job_tag}.env")
         script = self.render_script(request)
         await self._write_job_files(os.path.dirname(request.output or ""), render_env_file(self.get_env()))
@@ -335,19 +366,34 @@ class BatchSpawner(Spawner):
         self._persist_state()
         self.log.info("Submitted job %s for %s", self.job_id, self._log_name)
         self._event(f"Submitted batch job {self.job_id}", 10)
-        try:
-            status = await self._wait_until_running(request)
-            self.job_host = self.node_host(status)
-            self._event(f"Job {self.job_id} is running on {self.job_host}; starting JupyterLab", 50)
-            self.job_port = await self._wait_for_port(request)
-        except BaseException:
-            await self._cancel_quietly()
-            self.poller.untrack(self.job_id)
-            await self._remove_env_file()
-            raise
-        self._persist_state()
-        self._event(f"Server in job {self.job_id} listens on {self.job_host}:{self.job_port}", 90)
-        return self.job_host, self.job_port
+
+    def keep_queued_job(self) -> None:
+        """Before a spawn is resumed after a hub restart: JupyterHub clears the state when a spawn begins,
+        so the queued job's identity is set aside for start() to adopt."""
+        self._resume = (self.job_id, self.job_tag, self.job_env_file) if self.job_id and self.job_tag else None
+
+    async def _adopt_queued_job(self) -> bool:
+        """After a hub restart, take back the job this server was waiting for instead of submitting again.
+
+        The job reads its environment file when it starts, so a job still queued gets this spawn's new
+        tokens. One that started while the hub was down holds tokens that no longer work: it is replaced."""
+        resume, self._resume = self._resume, None
+        if resume is None:
+            return False
+        self.job_id, self.job_tag, self.job_env_file = resume
+        status = await self.poller.refresh(self.job_id, max_age=0)
+        if status.state in (JobState.PENDING, JobState.UNKNOWN):
+            await self._as_user(["dd", f"of={self.job_env_file}", "status=none"],
+                                f"rewrite the job environment file {self.job_env_file}",
+                                stdin=render_env_file(self.get_env()))
+            self.log.info("Adopted queued job %s for %s after a hub restart", self.job_id, self._log_name)
+            self._event(f"Job {self.job_id} is still queued (taken back after a hub restart)", 15)
+            return True
+        if not status.state.is_terminal:
+            self.log.warning("Job %s of %s started while the hub was down: replacing it", self.job_id, self._log_name)
+            await self._cancel_quietly("replaced: it started while the hub was down")
+        self.poller.untrack(self.job_id)
+        return False
 
     def _refuse_root(self) -> None:
         runs_as_hub = self.run_as is None
@@ -361,7 +407,6 @@ class BatchSpawner(Spawner):
     def clear_job(self) -> None:
         self.job_id = self.job_tag = self.job_host = self.job_env_file = ""
         self.job_port = 0
-        self._events = []
 
     async def _as_user(self, argv: list[str], what: str, *, stdin: str | None = None) -> None:
         """Run a file command as the job's user; failures become a SpawnException saying `what` failed."""
@@ -480,11 +525,11 @@ class BatchSpawner(Spawner):
             return f"(cannot read the job log {path}: {result.stderr.strip()})"
         return f"Last lines of {path}:\n{result.stdout.rstrip()}"
 
-    async def _cancel_quietly(self) -> None:
+    async def _cancel_quietly(self, note: str = "cancelled: the spawn failed") -> None:
         if not self.job_id:
             return
         try:
-            await self.ledger.cancelling(self.job_tag, "cancelled: the spawn failed")
+            await self.ledger.cancelling(self.job_tag, note)
             await self.adapter.cancel([self.job_id], user=self.run_as)
         except SchedulerError as err:
             self.log.error("Could not cancel job %s of %s: %s", self.job_id, self._log_name, err)
@@ -506,22 +551,53 @@ class BatchSpawner(Spawner):
             return
         if self.job_tag:
             await self.ledger.cancelling(self.job_tag)
-        await self.adapter.cancel([self.job_id], user=self.run_as)
-        self.poller.hurry(self.job_id)
+        job_id = self.job_id
+        try:
+            await self._cancel_until_ended(job_id, self.stop_timeout)
+        except asyncio.TimeoutError:
+            # JupyterHub forgets the server when stop() returns: the cancel goes on in the background, and
+            # the ledger keeps the job CANCELLING so that a restarted hub finishes it (as an orphan)
+            self.log.error("Job %s of %s not confirmed cancelled after %s s; still trying", job_id, self._log_name,
+                           self.stop_timeout)
+            _background(self._cancel_until_ended(job_id, self.cancel_retry_timeout))
+        finally:
+            await self._remove_env_file()
+
+    async def _cancel_until_ended(self, job_id: str, timeout: float) -> None:
+        """Cancel `job_id`, retrying with backoff while the scheduler cannot be reached, until the scheduler
+        reports it ended. Raises asyncio.TimeoutError after `timeout` seconds."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.stop_timeout
+        deadline = loop.time() + timeout
+        delay = 0.5
         try:
             while True:
-                status = await asyncio.wait_for(self.poller.next_update(self.job_id), deadline - loop.time())
+                try:
+                    await self.adapter.cancel([job_id], user=self.run_as)
+                    break
+                except SchedulerError as err:
+                    if loop.time() + delay > deadline:
+                        raise asyncio.TimeoutError from err
+                    self.log.warning("Cancel of job %s of %s failed (%s); retrying in %.1f s", job_id,
+                                     self._log_name, err, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            self.poller.hurry(job_id)
+            while True:
+                status = await asyncio.wait_for(self.poller.next_update(job_id), deadline - loop.time())
                 if status.state.is_terminal:
-                    self.log.info("Job %s of %s ended: %s", self.job_id, self._log_name, status.native_state)
+                    self.log.info("Job %s of %s ended: %s", job_id, self._log_name, status.native_state)
                     return
-        except asyncio.TimeoutError:
-            self.log.warning("Job %s of %s still in the queue %s s after cancel", self.job_id, self._log_name,
-                             self.stop_timeout)
         finally:
-            self.poller.untrack(self.job_id)
-            await self._remove_env_file()
+            self.poller.untrack(job_id)
+
+    async def cancel_orphan(self, job_id: str, tag: str) -> None:
+        """Cancel a job of this user that no server owns (found by the hub after a restart)."""
+        self.log.warning("Cancelling orphan job %s of %s (submission %s)", job_id, self._log_name, tag)
+        await self.ledger.cancelling(tag, "orphan: no server owned it when the hub restarted")
+        try:
+            await self._cancel_until_ended(job_id, self.cancel_retry_timeout)
+        except asyncio.TimeoutError:
+            self.log.error("Orphan job %s of %s not confirmed cancelled", job_id, self._log_name)
 
     # -- progress -----------------------------------------------------------------------------
     def _event(self, message: str, progress: int) -> None:
@@ -541,6 +617,16 @@ class BatchSpawner(Spawner):
                 await asyncio.wait_for(self._events_changed.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
+
+
+_background_tasks: set[asyncio.Task] = set()
+
+
+def _background(work) -> None:
+    """Run `work` after the caller returns, keeping a reference so the task is not collected."""
+    task = asyncio.ensure_future(work)
+    _background_tasks.add(task)
+    task.add_done_callback(_background_tasks.discard)
 
 
 class SlurmSpawner(BatchSpawner):

@@ -6,6 +6,7 @@ user whose one-time password is printed at start. A `jupyterhub_config.py` (-f) 
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 
@@ -16,6 +17,7 @@ from batchspawner import LocalBatchSpawner
 
 from . import __version__
 from .demo import DemoAuthenticator
+from .reconcile import detach_queued_spawns, reconcile
 
 
 def _default_data_dir() -> str:
@@ -77,6 +79,13 @@ class HpcHub(JupyterHub):
             proxy.pid_file = os.path.join(self.data_dir, "proxy.pid")
         if "ledger_url" not in self.config.BatchSpawner:
             self.config.BatchSpawner.ledger_url = "sqlite:///" + os.path.join(self.data_dir, "hpchub_ledger.sqlite")
+
+    async def init_spawners(self) -> int:
+        detach_queued_spawns(self)
+        checked = await super().init_spawners()
+        # in the background: a resumed spawn waits for its job, and the hub must not wait for that
+        self._reconcile = asyncio.ensure_future(reconcile(self))
+        return checked
 
     async def start(self) -> None:
         await super().start()

@@ -30,9 +30,15 @@ def free_port() -> int:
 class Hub:
     url: str
     workdir: Path
-    process: subprocess.Popen
-    log_path: Path
+    argv: list[str]
+    env: dict[str, str]
+    pipe_stdout: bool
     service_token: str
+    process: subprocess.Popen | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "hub.log"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -41,8 +47,34 @@ class Hub:
         headers = {"Authorization": f"token {self.service_token}"}
         return requests.request(method, f"{self.url}/hub/api{path}", headers=headers, timeout=30, **kwargs)
 
+    def launch(self, timeout: float = 60) -> None:
+        """Start the hub process (again, with the same configuration) and wait until its API answers."""
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.argv, cwd=self.workdir, stdout=subprocess.PIPE if self.pipe_stdout
+                                            else log, stderr=log, env=self.env, start_new_session=True)
+        process = self.process
+
+        def api_up() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"hpchub exited with {process.returncode}:\n{self.log()[-4000:]}")
+            try:
+                return requests.get(f"{self.url}/hub/api/", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        try:
+            wait_for(api_up, timeout, "the hub's API")
+        except BaseException:
+            self.stop()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL the hub and its proxy: nothing is cleaned up, as in a crash."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
     def stop(self) -> None:
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             # the whole session: runuser does not always pass SIGTERM on to the hub it started
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
@@ -93,25 +125,8 @@ def start_hub(workdir: Path, extra_config: str | None, *, user: str | None = Non
             shutil.chown(path, user)
         shutil.chown(workdir, user)
         argv = ["runuser", "-u", user, "--", *argv]
-    log_path = workdir / "hub.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, cwd=workdir, stdout=subprocess.PIPE if extra_config is None else log,
-                                   stderr=log, env={**_hub_env(), **(env or {})}, start_new_session=True)
-    hub = Hub(f"http://127.0.0.1:{port}", workdir, process, log_path, token)
-
-    def api_up() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"hpchub exited with {process.returncode}:\n{hub.log()[-4000:]}")
-        try:
-            return requests.get(f"{hub.url}/hub/api/", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    try:
-        wait_for(api_up, timeout, "the hub's API")
-    except BaseException:
-        hub.stop()
-        raise
+    hub = Hub(f"http://127.0.0.1:{port}", workdir, argv, {**_hub_env(), **(env or {})}, extra_config is None, token)
+    hub.launch(timeout)
     return hub
 
 

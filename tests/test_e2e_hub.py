@@ -199,6 +199,64 @@ def test_job_id_is_saved_and_shown_while_the_job_waits(hub_factory, slurm_cluste
              "the hub to forget the pending server")
 
 
+RESTART = LOGIN + """
+c.JupyterHub.spawner_class = "slurm"
+c.JupyterHub.allow_named_servers = True
+c.BatchSpawner.job_poll_interval = 5
+
+def hold_some(spawner):
+    if spawner.user.name == "bob" or spawner.name == "extra":
+        spawner.req_extra_directives = ["--begin=now+40"]
+
+c.Spawner.pre_spawn_hook = hold_some
+"""
+
+
+def jobs_with_tag(tag: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "--states=all", "-O", "JobID:12,Comment:40"], capture_output=True,
+                         text=True, timeout=10).stdout
+    return [line.split()[0] for line in out.splitlines() if line.split()[1:] == [tag]]
+
+
+def test_hub_killed_and_restarted_keeps_running_and_queued_servers(hub_factory, slurm_cluster, test_users):
+    """SIGKILL the hub (and its proxy) with a running, a queued and an orphaned job, then start it again."""
+    hub = hub_factory(RESTART)
+    alice, bob = Browser(hub.url), Browser(hub.url)
+    alice.login("alice", PASSWORD)
+    bob.login("bob", PASSWORD)
+    running = spawn_until_ready(hub, alice, "alice")["state"]
+    assert bob.api("POST", "/users/bob/server").status_code == 202
+    assert alice.api("POST", "/users/alice/servers/extra").status_code == 202
+    queued = wait_for(lambda: saved_state(hub, "bob").get("job_id") and saved_state(hub, "bob"), 30, "bob's job id")
+    wait_for(lambda: squeue_state(queued["job_id"]) == "PENDING", 10, "bob's job to be pending")
+    orphan = wait_for(lambda: ledger_rows(hub, "alice")[0]["job_id"] and ledger_rows(hub, "alice")[0], 30,
+                      "the extra server's job")
+
+    hub.kill()
+    with sqlite3.connect(hub.workdir / "data" / "jupyterhub.sqlite") as db:  # the extra server is forgotten
+        db.execute("UPDATE spawners SET state = NULL WHERE name = 'extra'")
+    hub.launch()
+
+    # the running server is adopted: reachable again through the new proxy, same job
+    wait_for(lambda: alice.get("/user/alice/lab").status_code == 200, 60, "alice's server to answer again", 0.5)
+    assert_reachable_through_proxy(alice, "alice")
+    assert user_model(hub, "alice")["servers"][""]["state"]["job_id"] == running["job_id"]
+    assert squeue_state(running["job_id"]) == "RUNNING"
+    # the orphan is cancelled and recorded as such
+    wait_for(lambda: squeue_state(orphan["job_id"]) not in ACTIVE_SLURM_STATES, 30, "the orphan to be cancelled")
+    [record] = [r for r in ledger_rows(hub, "alice") if r["tag"] == orphan["tag"]]
+    wait_for(lambda: [r for r in ledger_rows(hub, "alice") if r["tag"] == orphan["tag"]][0]["state"] == "CANCELLED",
+             30, "the ledger to record the orphan cancelled")
+    assert "orphan" in [r for r in ledger_rows(hub, "alice") if r["tag"] == orphan["tag"]][0]["note"]
+    # the queued job was never forgotten: it starts later and its server becomes reachable, submitted once
+    server = wait_for(lambda: (user_model(hub, "bob")["servers"].get("") or {}).get("ready") and
+                      user_model(hub, "bob")["servers"][""], 120, "bob's queued server to start")
+    assert server["state"]["job_id"] == queued["job_id"]
+    assert_reachable_through_proxy(bob, "bob")
+    assert jobs_with_tag(queued["job_tag"]) == [queued["job_id"]]
+    assert len(ledger_rows(hub, "bob")) == 1
+
+
 @pytest.fixture(scope="session")
 def sge_cluster() -> None:
     up = shutil.which("qstat") is not None and subprocess.run(
