@@ -181,7 +181,15 @@ class BatchSpawner(Spawner):
         "restarted meanwhile finishes it (the job ledger keeps it CANCELLING).",
     ).tag(config=True)
 
-    log_tail_lines = Integer(40, min=0, help="Lines of the job's output shown when a job fails.").tag(config=True)
+    log_tail_lines = Integer(20, min=0, help="Lines of the job's output shown when a job fails.").tag(config=True)
+
+    max_concurrent_submissions = Integer(
+        20,
+        min=1,
+        help="Submissions (script rendering and the scheduler's submit command) in flight at once per scheduler. "
+        "This, not JupyterHub's concurrent_spawn_limit, bounds a class of users starting at once: a job "
+        "waiting in the queue holds no slot here.",
+    ).tag(config=True)
 
     @default("start_timeout")
     def _default_start_timeout(self) -> int:
@@ -345,6 +353,10 @@ class BatchSpawner(Spawner):
         return self.job_host, self.job_port
 
     async def _submit(self, home: str, request: JobRequest) -> None:
+        async with _submission_slots(self.scheduler, self.max_concurrent_submissions):
+            await self._submit_now(home, request)
+
+    async def _submit_now(self, home: str, request: JobRequest) -> None:
         self.job_env_file = os.path.join(self._format(self.job_run_dir, home), f"{self.job_tag}.env")
         script = self.render_script(request)
         await self._write_job_files(os.path.dirname(request.output or ""), render_env_file(self.get_env()))
@@ -617,6 +629,15 @@ class BatchSpawner(Spawner):
                 await asyncio.wait_for(self._events_changed.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
+
+
+_submission_semaphores: dict[str, asyncio.Semaphore] = {}
+
+
+def _submission_slots(scheduler: str, size: int) -> asyncio.Semaphore:
+    if scheduler not in _submission_semaphores:
+        _submission_semaphores[scheduler] = asyncio.Semaphore(size)
+    return _submission_semaphores[scheduler]
 
 
 _background_tasks: set[asyncio.Task] = set()

@@ -63,6 +63,12 @@ class HpcHub(JupyterHub):
     def _default_authenticator_class(self) -> type:
         return DemoAuthenticator
 
+    @default("concurrent_spawn_limit")
+    def _default_concurrent_spawn_limit(self) -> int:
+        # JupyterHub counts a spawn as pending until its server answers, queue wait included: 100 queued
+        # jobs would lock every other user out. BatchSpawner.max_concurrent_submissions bounds the real work.
+        return 0
+
     @default("db_url")
     def _default_db_url(self) -> str:
         return "sqlite:///" + os.path.join(self.data_dir, "jupyterhub.sqlite")

@@ -96,7 +96,8 @@ c.JupyterHub.cleanup_servers = True
 c.JupyterHub.services = [{{"name": "tester", "api_token": {service_token!r}}}]
 c.JupyterHub.load_roles = [{{
     "name": "tester", "services": ["tester"],
-    "scopes": ["admin:users", "admin:servers", "admin:server_state", "list:users", "read:users", "access:servers"],
+    "scopes": ["admin:users", "admin:servers", "admin:server_state", "list:users", "read:users", "access:servers",
+               "read:metrics"],
 }}]
 c.Spawner.default_url = "/lab"
 {extra}

@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from conftest import require_service
 from hubtools import HUB_BIN, Browser, Hub, start_hub, wait_for
+from test_scheduler_slurm import controller_stopped
 
 PASSWORD = "hpchub-test-password"
 LOGIN = f"""
@@ -197,6 +199,37 @@ def test_job_id_is_saved_and_shown_while_the_job_waits(hub_factory, slurm_cluste
     wait_for(lambda: squeue_state(job_id) not in ACTIVE_SLURM_STATES, 10, f"job {job_id} to leave the queue", 0.1)
     wait_for(lambda: not user_model(hub, "bob")["pending"] and "" not in user_model(hub, "bob")["servers"], 30,
              "the hub to forget the pending server")
+
+
+def test_a_scheduler_outage_loses_no_server(hub_factory, slurm_cluster, test_users):
+    """slurmctld stopped for 30 s while a server runs: UNKNOWN is not gone. Nothing is stopped or cancelled,
+    the route stays, and the hub's metrics count the batched queries it kept making."""
+    hub = hub_factory(LOGIN + 'c.JupyterHub.spawner_class = "slurm"\nc.Spawner.poll_interval = 5\n'
+                      'c.BatchSpawner.job_poll_interval = 3\nc.BatchSpawner.command_timeout = 5\n')
+    browser = Browser(hub.url)
+    browser.login("alice", PASSWORD)
+    job_id = spawn_until_ready(hub, browser, "alice")["state"]["job_id"]
+    assert_reachable_through_proxy(browser, "alice")
+    before = scheduler_queries(hub)
+    with controller_stopped():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert user_model(hub, "alice")["servers"][""]["ready"], "the hub gave up on the server"
+            assert browser.get("/user/alice/api/status").status_code == 200
+            time.sleep(2)
+    assert squeue_state(job_id) == "RUNNING", "the job was cancelled during the outage"
+    assert [row["state"] for row in ledger_rows(hub, "alice")] == ["RUNNING"]
+    assert scheduler_queries(hub) > before >= 1
+
+
+def scheduler_queries(hub: Hub) -> float:
+    """hpchub_scheduler_queries_total for Slurm, from the hub's Prometheus endpoint."""
+    metrics = requests.get(f"{hub.url}/hub/metrics", headers={"Authorization": f"token {hub.service_token}"},
+                           timeout=10)
+    metrics.raise_for_status()
+    match = re.search(r'^hpchub_scheduler_queries_total\{scheduler="slurm"\} (\S+)$', metrics.text, re.M)
+    assert match, "the hub's metrics have no hpchub_scheduler_queries_total"
+    return float(match.group(1))
 
 
 RESTART = LOGIN + """
