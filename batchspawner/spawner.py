@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator
 from jupyterhub.spawner import SpawnException, Spawner
 from traitlets import Float, Integer, List, Unicode, default, validate
 
+from hpchub.ldap import auth_state_hook
 from hpchub.ledger import Ledger, shared_ledger
 from job_templates import TemplateValueError, render_env_file, render_job_script
 from schedulers import (
@@ -264,15 +265,27 @@ class BatchSpawner(Spawner):
                                           **self.adapter_kwargs())
         return self._adapter
 
+    @default("auth_state_hook")
+    def _default_auth_state_hook(self):
+        return auth_state_hook
+
     @property
     def run_as(self) -> str | None:
-        """The Unix account jobs run as, or None when the runner runs everything as the hub's user."""
-        return self.user.name if self.adapter.runner.switches_user else None
+        """The Unix account jobs run as (the directory's uid when the authenticator gave one), or None when
+        the runner runs everything as the hub's user."""
+        if not self.adapter.runner.switches_user:
+            return None
+        account = getattr(self, "auth_state_account", None)
+        return account.name if account else self.user.name
 
     async def user_home(self) -> str:
-        """Home directory of the account the job runs as (NSS can be LDAP: looked up off the loop)."""
-        account = self.run_as
-        entry = await asyncio.to_thread(pwd.getpwnam, account) if account else pwd.getpwuid(os.getuid())
+        """Home directory of the account the job runs as: the directory's, else NSS (which may itself be
+        LDAP: looked up off the event loop)."""
+        account = getattr(self, "auth_state_account", None)
+        if account is not None and self.run_as is not None:
+            return account.home
+        name = self.run_as
+        entry = await asyncio.to_thread(pwd.getpwnam, name) if name else pwd.getpwuid(os.getuid())
         return entry.pw_dir
 
     def _format(self, template: str, home: str) -> str:

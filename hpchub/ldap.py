@@ -307,7 +307,8 @@ class Directory:
                 groups[group_dn.lower()] = self._name_from_dn(group_dn)
         if not c.group_search_base:
             return groups
-        clauses = [f"({style}={escape_filter_chars(dn)})" for style in ("member", "uniqueMember") if style in c.membership]
+        clauses = [f"({style}={escape_filter_chars(dn)})" for style in ("member", "uniqueMember")
+                   if style in c.membership]
         if "memberUid" in c.membership:
             clauses.append(f"(memberUid={escape_filter_chars(uid)})")
         self._groups_matching(clauses, groups, conn)
@@ -516,8 +517,8 @@ class LDAPAuthenticator(Authenticator):
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
-            user = await asyncio.wait_for(loop.run_in_executor(self._executor, self.directory.login, username, password),
-                                          self.login_timeout)
+            work = loop.run_in_executor(self._executor, self.directory.login, username, password)
+            user = await asyncio.wait_for(work, self.login_timeout)
         except asyncio.TimeoutError:
             self.log.error("LDAP login for %r: no answer within login_timeout (%g s)", shown, self.login_timeout)
             raise web.HTTPError(503, UNAVAILABLE) from None

@@ -114,12 +114,23 @@ class JobStatus:
 
 
 class Adapter(abc.ABC):
-    """One scheduler. Subclasses set `name` and `template` and implement the small steps."""
+    """One scheduler. Subclasses set `name`, `template`, `job_id_pattern` and `submit_command` and implement the
+    small steps."""
 
     name: ClassVar[str]
     template: ClassVar[str]
     #: native state -> JobState; anything missing maps to UNKNOWN
     state_map: ClassVar[Mapping[str, JobState]] = {}
+    #: a job id as the submit command prints it
+    job_id_pattern: ClassVar[re.Pattern[str]]
+    #: how messages name the submit command, and what it reaches
+    submit_command: ClassVar[str]
+    server: ClassVar[str] = "the scheduler"
+    #: what a command prints when it cannot reach the scheduler
+    unreachable: ClassVar[tuple[str, ...]] = ()
+    #: how messages name this scheduler's job ids ("Slurm"). Where set, an id that is not `job_id_pattern` reaches
+    #: no command: a query reports it UNKNOWN, a cancel refuses it.
+    id_label: ClassVar[str | None] = None
 
     def __init__(self, runner: Runner, *, command_timeout: float = 30.0):
         self.runner = runner
@@ -143,18 +154,19 @@ class Adapter(abc.ABC):
     async def query(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
         """Status of many jobs in one scheduler call.
 
-        A job the scheduler does not report, or a query that failed, is UNKNOWN (with the reason):
-        only positive evidence makes a job gone."""
+        A job the scheduler does not report, an id that is not one of its job ids, or a query that failed, is
+        UNKNOWN (with the reason): only positive evidence makes a job gone."""
         ids = list(dict.fromkeys(job_ids))
-        if not ids:
-            return {}
-        try:
-            result = await self._run(self.query_argv(ids))
-            statuses = self.parse_query(result, ids)
-        except SchedulerUnavailable as err:
-            reason = f"scheduler unavailable: {err.reason}"
-            return {i: JobStatus(i, JobState.UNKNOWN, reason=reason) for i in ids}
-        return {i: statuses.get(i, JobStatus(i, JobState.UNKNOWN)) for i in ids}
+        valid = [i for i in ids if self._is_job_id(i)]
+        statuses: dict[str, JobStatus] = {}
+        if valid:
+            try:
+                result = await self._run(self.query_argv(valid))
+                statuses = self.parse_query(result, valid)
+            except SchedulerUnavailable as err:
+                reason = f"scheduler unavailable: {err.reason}"
+                statuses = {i: JobStatus(i, JobState.UNKNOWN, reason=reason) for i in valid}
+        return {i: statuses.get(i) or JobStatus(i, JobState.UNKNOWN, reason=self._not_a_job_id(i)) for i in ids}
 
     async def estimate_start(self, job_ids: Iterable[str]) -> dict[str, datetime | None]:
         """The scheduler's own estimate of when each pending job starts; None where it has none.
@@ -178,14 +190,17 @@ class Adapter(abc.ABC):
         result = await self._run(self.cancel_argv(ids), user=user)
         self.check_cancel(result, ids)
 
+    def _is_job_id(self, job_id: str) -> bool:
+        return self.id_label is None or self.job_id_pattern.fullmatch(job_id) is not None
+
+    def _not_a_job_id(self, job_id: str) -> str:
+        return "" if self._is_job_id(job_id) else f"not a {self.id_label} job id"
+
     async def _run(self, argv: Sequence[str], *, user: str | None = None, stdin: str | None = None) -> CommandResult:
         return await self.runner.run(argv, user=user, stdin=stdin, timeout=self.command_timeout)
 
     @abc.abstractmethod
     def submit_argv(self, request: JobRequest) -> list[str]: ...
-
-    @abc.abstractmethod
-    def parse_submit(self, stdout: str) -> str: ...
 
     @abc.abstractmethod
     def query_argv(self, job_ids: Sequence[str]) -> list[str]: ...
@@ -204,11 +219,38 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def parse_tag_query(self, result: CommandResult, tag: str) -> list[str]: ...
 
+    def parse_submit(self, stdout: str) -> str:
+        """The job id, which the submit command printed alone."""
+        job_id = stdout.strip()
+        if not self.job_id_pattern.fullmatch(job_id):
+            raise SchedulerError(f"{self.submit_command} printed no job id: {stdout!r}")
+        return job_id
+
     def check_submit(self, result: CommandResult) -> None:
-        """Raise SubmitRejected when the scheduler refused the job; SchedulerUnavailable when it was not asked."""
-        if result.returncode != 0:
-            message = result.stderr.strip() or result.stdout.strip()
-            raise SubmitRejected(f"{self.name} refused the job: {message}", reason=message, result=result)
+        """Raise SubmitRejected when the scheduler refused the job; SchedulerUnavailable when it was not asked (the
+        job may exist all the same: `submit` looks for its tag)."""
+        if result.returncode == 0:
+            return
+        message = self.submit_error(result.stderr) or result.stdout.strip()
+        if self.cannot_reach(result):
+            raise SchedulerUnavailable(f"{self.name}: {self.submit_command} could not reach {self.server}: {message}",
+                                       reason=message, result=result)
+        raise SubmitRejected(f"{self.name} refused the job: {message}", reason=message, result=result)
+
+    def submit_error(self, stderr: str) -> str:
+        """Why the submit command failed, from its stderr without the command's own frame."""
+        return stderr.strip()
+
+    def cannot_reach(self, result: CommandResult) -> bool:
+        """The command's output says that it could not reach the scheduler."""
+        return any(text in result.stderr or text in result.stdout for text in self.unreachable)
+
+    def checked_ids(self, job_ids: Sequence[str]) -> Sequence[str]:
+        """`job_ids`, for a command's argv, when each is a job id: ValueError otherwise."""
+        bad = [i for i in job_ids if not self._is_job_id(i)]
+        if bad:
+            raise ValueError(f"not {self.id_label} job ids: {bad}")
+        return job_ids
 
     def check_cancel(self, result: CommandResult, job_ids: Sequence[str]) -> None:
         if result.returncode != 0:

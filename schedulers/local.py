@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import sys
 import tempfile
 from typing import ClassVar, Mapping, Sequence
 
-from .base import Adapter, JobRequest, JobState, JobStatus, SchedulerError, SchedulerUnavailable
+from .base import Adapter, JobRequest, JobState, JobStatus, SchedulerUnavailable
 from .runner import CommandResult, Runner
 
 DEFAULT_SPOOL = os.path.join(tempfile.gettempdir(), "hpchub-localq")
@@ -21,6 +22,8 @@ REJECTED = 2
 class LocalAdapter(Adapter):
     name: ClassVar[str] = "local"
     template: ClassVar[str] = "local.sh.j2"
+    job_id_pattern: ClassVar[re.Pattern[str]] = re.compile(r"[0-9]+")
+    submit_command: ClassVar[str] = "localq submit"
     state_map: ClassVar[Mapping[str, JobState]] = {
         "PENDING": JobState.PENDING,
         "RUNNING": JobState.RUNNING,
@@ -50,12 +53,6 @@ class LocalAdapter(Adapter):
             super().check_submit(result)
         elif result.returncode != 0:
             raise SchedulerUnavailable(f"localq submit failed: {result.stderr.strip()}", result=result)
-
-    def parse_submit(self, stdout: str) -> str:
-        job_id = stdout.strip()
-        if not job_id.isdigit():
-            raise SchedulerError(f"localq submit printed no job id: {stdout!r}")
-        return job_id
 
     def tag_query_argv(self, tag: str) -> list[str]:
         return self._localq("find", "--comment", tag)

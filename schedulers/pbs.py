@@ -25,10 +25,9 @@ import json
 import os
 import re
 from datetime import datetime
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
-from .base import (Adapter, JobRequest, JobState, JobStatus, SchedulerError, SchedulerUnavailable,
-                   SubmitRejected)
+from .base import Adapter, JobRequest, JobState, JobStatus, SchedulerError, SchedulerUnavailable
 from .runner import CommandResult, Runner
 
 _JOB_ID = re.compile(r"[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9_-]+)*")
@@ -59,6 +58,11 @@ JOB_EXEC_KILL_WALLTIME = -29
 class PBSAdapter(Adapter):
     name: ClassVar[str] = "pbs"
     template: ClassVar[str] = "pbs.sh.j2"
+    job_id_pattern: ClassVar[re.Pattern[str]] = _JOB_ID
+    submit_command: ClassVar[str] = "qsub"
+    server: ClassVar[str] = "the server"
+    unreachable: ClassVar[tuple[str, ...]] = _UNREACHABLE
+    id_label: ClassVar[str] = "PBS"
     # F and X (finished) depend on Exit_status and substate; M (moved elsewhere) stays UNKNOWN
     state_map: ClassVar[Mapping[str, JobState]] = {
         "Q": JobState.PENDING,
@@ -86,26 +90,8 @@ class PBSAdapter(Adapter):
     def submit_argv(self, request: JobRequest) -> list[str]:
         return [self.command("qsub")]
 
-    def parse_submit(self, stdout: str) -> str:
-        job_id = stdout.strip()
-        if not _JOB_ID.fullmatch(job_id):
-            raise SchedulerError(f"qsub printed no job id: {stdout!r}")
-        return job_id
-
-    def check_submit(self, result: CommandResult) -> None:
-        if result.returncode == 0:
-            return
-        message = re.sub(r"^qsub: ", "", result.stderr.strip(), flags=re.MULTILINE) or result.stdout.strip()
-        if _unreachable(result.stderr):
-            # the job may exist all the same: the caller looks for its tag
-            raise SchedulerUnavailable(f"pbs: qsub could not reach the server: {message}", reason=message,
-                                       result=result)
-        raise SubmitRejected(f"pbs refused the job: {message}", reason=message, result=result)
-
-    async def query(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
-        ids = list(dict.fromkeys(job_ids))
-        statuses = await super().query([i for i in ids if _JOB_ID.fullmatch(i)])
-        return {i: statuses.get(i) or JobStatus(i, JobState.UNKNOWN, reason="not a PBS job id") for i in ids}
+    def submit_error(self, stderr: str) -> str:
+        return re.sub(r"^qsub: ", "", stderr.strip(), flags=re.MULTILINE)
 
     def query_argv(self, job_ids: Sequence[str]) -> list[str]:
         return [self.command("qstat"), "-f", "-F", "json", "-x", *job_ids]
@@ -134,10 +120,7 @@ class PBSAdapter(Adapter):
                 if str(attributes.get("Job_Name", "")).endswith(f"-{tag}")]
 
     def cancel_argv(self, job_ids: Sequence[str]) -> list[str]:
-        bad = [i for i in job_ids if not _JOB_ID.fullmatch(i)]
-        if bad:
-            raise ValueError(f"not PBS job ids: {bad}")
-        return [self.command("qdel"), *job_ids]
+        return [self.command("qdel"), *self.checked_ids(job_ids)]
 
     def check_cancel(self, result: CommandResult, job_ids: Sequence[str]) -> None:
         if result.returncode == 0:

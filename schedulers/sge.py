@@ -27,8 +27,7 @@ import re
 import xml.etree.ElementTree as ET
 from typing import ClassVar, Iterable, Sequence
 
-from .base import (Adapter, JobRequest, JobState, JobStatus, SchedulerError, SchedulerUnavailable,
-                   SubmitRejected)
+from .base import Adapter, JobRequest, JobState, JobStatus, SchedulerError, SchedulerUnavailable
 from .runner import CommandResult, Runner
 
 _JOB_ID = re.compile(r"[0-9]+")
@@ -46,6 +45,11 @@ _SIGKILL_EXIT = 128 + 9
 class SGEAdapter(Adapter):
     name: ClassVar[str] = "sge"
     template: ClassVar[str] = "sge.sh.j2"
+    job_id_pattern: ClassVar[re.Pattern[str]] = _JOB_ID
+    submit_command: ClassVar[str] = "qsub"
+    server: ClassVar[str] = "sge_qmaster"
+    unreachable: ClassVar[tuple[str, ...]] = _UNREACHABLE
+    id_label: ClassVar[str] = "Grid Engine"
 
     def __init__(self, runner: Runner, *, command_timeout: float = 30.0, accounting_lookups: int = 10):
         """`accounting_lookups`: at most this many `qacct` calls (one per job that left qstat) per query;
@@ -56,25 +60,13 @@ class SGEAdapter(Adapter):
     def submit_argv(self, request: JobRequest) -> list[str]:
         return ["qsub", "-terse"]
 
-    def parse_submit(self, stdout: str) -> str:
-        job_id = stdout.strip()
-        if not _JOB_ID.fullmatch(job_id):
-            raise SchedulerError(f"qsub printed no job id: {stdout!r}")
-        return job_id
-
-    def check_submit(self, result: CommandResult) -> None:
-        if result.returncode == 0:
-            return
-        message = _qsub_message(result.stderr) or result.stdout.strip()
-        if _unreachable(result):
-            # the job may exist all the same: the caller looks for its tag
-            raise SchedulerUnavailable(f"sge: qsub could not reach sge_qmaster: {message}", reason=message,
-                                       result=result)
-        raise SubmitRejected(f"sge refused the job: {message}", reason=message, result=result)
+    def submit_error(self, stderr: str) -> str:
+        """qsub's reason without its frame: "Unable to run job: REASON" ... "Exiting." """
+        lines = [line.strip().removeprefix("Unable to run job: ") for line in stderr.strip().splitlines()]
+        return "\n".join(line for line in lines if line and line != "Exiting.")
 
     async def query(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
-        ids = list(dict.fromkeys(job_ids))
-        statuses = await super().query([i for i in ids if _JOB_ID.fullmatch(i)])
+        statuses = await super().query(job_ids)
         # only after a qstat that answered: left its list, or listed as ended ("z")
         ended = [i for i, s in statuses.items() if s.reason == _NOT_LISTED or s.native_state == "z"]
         for job_id in ended[:self.accounting_lookups]:
@@ -82,7 +74,7 @@ class SGEAdapter(Adapter):
                 statuses[job_id] = await self._from_accounting(statuses[job_id])
             except SchedulerUnavailable:
                 break   # qacct timed out or is missing: the others would too
-        return {i: statuses.get(i) or JobStatus(i, JobState.UNKNOWN, reason="not a Grid Engine job id") for i in ids}
+        return statuses
 
     def query_argv(self, job_ids: Sequence[str]) -> list[str]:
         return ["qstat", "-xml", "-u", "*", "-s", "prsz"]
@@ -109,7 +101,7 @@ class SGEAdapter(Adapter):
 
     def parse_tag_query(self, result: CommandResult, tag: str) -> list[str]:
         if result.returncode != 0:
-            if "Following jobs do not exist" in result.stderr and not _unreachable(result):
+            if "Following jobs do not exist" in result.stderr and not self.cannot_reach(result):
                 return []   # no job at all
             raise SchedulerUnavailable(f"sge: qstat -j failed: {result.stderr.strip()}", result=result)
         found, job_id = [], ""
@@ -122,15 +114,12 @@ class SGEAdapter(Adapter):
         return found
 
     def cancel_argv(self, job_ids: Sequence[str]) -> list[str]:
-        bad = [i for i in job_ids if not _JOB_ID.fullmatch(i)]
-        if bad:
-            raise ValueError(f"not Grid Engine job ids: {bad}")
-        return ["qdel", *job_ids]
+        return ["qdel", *self.checked_ids(job_ids)]
 
     def check_cancel(self, result: CommandResult, job_ids: Sequence[str]) -> None:
         if result.returncode == 0:
             return
-        if _unreachable(result):
+        if self.cannot_reach(result):
             raise SchedulerUnavailable(f"sge: qdel could not reach sge_qmaster: {result.stderr.strip()}",
                                        reason=result.stderr.strip(), result=result)
         failures = "\n".join(line for line in result.stdout.strip().splitlines() if not _CANCEL_DONE.fullmatch(line))
@@ -145,7 +134,7 @@ class SGEAdapter(Adapter):
             raise ValueError(f"not a Grid Engine job id: {job_id!r}")
         result = await self._run(["qstat", "-j", job_id])
         if result.returncode != 0:
-            if _unreachable(result):
+            if self.cannot_reach(result):
                 raise SchedulerUnavailable(f"sge: qstat -j failed: {result.stderr.strip()}", result=result)
             return result.stdout.strip() or result.stderr.strip()   # "Following jobs do not exist: ..."
         return explanation(result.stdout)
@@ -246,12 +235,3 @@ def _xml(result: CommandResult, what: str) -> ET.Element:
         raise SchedulerUnavailable(f"sge: {what} printed no XML ({err}): {result.stdout[:200]!r}",
                                    result=result) from None
 
-
-def _unreachable(result: CommandResult) -> bool:
-    return any(text in result.stderr or text in result.stdout for text in _UNREACHABLE)
-
-
-def _qsub_message(stderr: str) -> str:
-    """qsub's reason without its frame: "Unable to run job: REASON" ... "Exiting." """
-    lines = [line.strip().removeprefix("Unable to run job: ") for line in stderr.strip().splitlines()]
-    return "\n".join(line for line in lines if line and line != "Exiting.")

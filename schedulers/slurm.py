@@ -19,8 +19,7 @@ import re
 from datetime import datetime
 from typing import ClassVar, Iterable, Mapping, Sequence
 
-from .base import (Adapter, JobRequest, JobState, JobStatus, SchedulerError, SchedulerUnavailable,
-                   SubmitRejected)
+from .base import Adapter, JobRequest, JobState, JobStatus, SchedulerError, SchedulerUnavailable
 from .runner import CommandResult, Runner
 
 # ASCII unit separator: cannot occur in ids, states, reasons or node names
@@ -41,6 +40,11 @@ _NO_ESTIMATE = ("N/A", "Unknown")
 class SlurmAdapter(Adapter):
     name: ClassVar[str] = "slurm"
     template: ClassVar[str] = "slurm.sh.j2"
+    job_id_pattern: ClassVar[re.Pattern[str]] = _JOB_ID
+    submit_command: ClassVar[str] = "sbatch"
+    server: ClassVar[str] = "the controller"
+    unreachable: ClassVar[tuple[str, ...]] = _UNREACHABLE
+    id_label: ClassVar[str] = "Slurm"
     state_map: ClassVar[Mapping[str, JobState]] = {
         "PENDING": JobState.PENDING,
         "CONFIGURING": JobState.PENDING,  # nodes allocated but still booting: no server can run yet
@@ -75,29 +79,18 @@ class SlurmAdapter(Adapter):
         return ["sbatch", "--parsable"]
 
     def parse_submit(self, stdout: str) -> str:
-        job_id = stdout.strip().partition(";")[0]
-        if not _JOB_ID.fullmatch(job_id):
-            raise SchedulerError(f"sbatch printed no job id: {stdout!r}")
-        return job_id
+        return super().parse_submit(stdout.partition(";")[0])   # --parsable: "ID" or "ID;CLUSTER"
 
-    def check_submit(self, result: CommandResult) -> None:
-        if result.returncode == 0:
-            return
-        message = _messages(result.stderr, "sbatch: error: ") or result.stdout.strip()
-        if any(text in result.stderr for text in _UNREACHABLE):
-            # sbatch may time out after the job was created: the caller looks for the job's tag
-            raise SchedulerUnavailable(f"slurm: sbatch could not reach the controller: {message}",
-                                       reason=message, result=result)
-        raise SubmitRejected(f"slurm refused the job: {message}", reason=message, result=result)
+    def submit_error(self, stderr: str) -> str:
+        return _messages(stderr, "sbatch: error: ")
 
     async def query(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
-        ids = list(dict.fromkeys(job_ids))
-        statuses = await super().query([i for i in ids if _JOB_ID.fullmatch(i)])
+        statuses = await super().query(job_ids)
         # only squeue's positive "not queued" goes to sacct: a failed squeue says nothing about any job
         forgotten = [i for i, s in statuses.items() if s.reason == _NOT_QUEUED]
         if forgotten and self.use_sacct:
             statuses.update(await self._from_accounting(forgotten))
-        return {i: statuses.get(i) or JobStatus(i, JobState.UNKNOWN, reason="not a Slurm job id") for i in ids}
+        return statuses
 
     def query_argv(self, job_ids: Sequence[str]) -> list[str]:
         return ["squeue", "--noheader", f"--jobs={','.join(job_ids)}", "--states=all", "--Format", _SQUEUE_FORMAT]
@@ -161,10 +154,7 @@ class SlurmAdapter(Adapter):
                 if len(fields) == 3 and fields[1] == tag]
 
     def cancel_argv(self, job_ids: Sequence[str]) -> list[str]:
-        bad = [i for i in job_ids if not _JOB_ID.fullmatch(i)]
-        if bad:
-            raise ValueError(f"not Slurm job ids: {bad}")
-        return ["scancel", *job_ids]
+        return ["scancel", *self.checked_ids(job_ids)]
 
     def check_cancel(self, result: CommandResult, job_ids: Sequence[str]) -> None:
         if result.returncode == 0:

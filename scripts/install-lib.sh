@@ -17,8 +17,8 @@ step() {
 }
 
 # --- apt ----------------------------------------------------------------------------------------
-# shellcheck source=docker/slurm-cluster/apt.sh
-source "$REPO/docker/slurm-cluster/apt.sh"
+# shellcheck source=docker/lib/apt.sh
+source "$REPO/docker/lib/apt.sh"
 TMPDIRS=()
 cleanup() {
   remove_policy

@@ -7,7 +7,8 @@
 #   venv: /opt/hpchub from Debian's /usr/bin/python3, world-readable: Slurm jobs run as ordinary
 #         users, who can read neither the pyenv python under /root nor a checkout under /root. So the
 #         checkout is installed into it as a copy (not editable), with its `test` extra.
-#   then: docker/slurm-cluster/cluster.sh start, docker/sge-cluster/cluster.sh start, docker/sshd/sshd.sh start, docker/postgres/postgres.sh start
+#   then: docker/slurm-cluster/cluster.sh start, docker/sge-cluster/cluster.sh start, docker/ldap/ldap.sh start,
+#         docker/sshd/sshd.sh start, docker/postgres/postgres.sh start
 #
 # Env: HPCHUB_VENV (default /opt/hpchub)
 set -euo pipefail
@@ -33,6 +34,10 @@ start_cluster() {
 
 start_sge() {
   "$REPO/docker/sge-cluster/cluster.sh" start
+}
+
+start_ldap() {
+  "$REPO/docker/ldap/ldap.sh" start
 }
 
 start_sshd() {
@@ -61,6 +66,7 @@ step "venv $VENV" make_venv
 step "install $REPO" install_project
 step "Slurm cluster" start_cluster
 step "SGE cluster" start_sge
+step "LDAP directory" start_ldap
 step "test sshd" start_sshd
 step "PostgreSQL" start_postgres
 step "check as alice" check_venv_as_user

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -59,10 +60,37 @@ def _has_user(name: str) -> bool:
 
 
 @pytest.fixture
-def shared_dir():
-    """A directory under /tmp that the test users can write to, e.g. for job output: commands and jobs
-    run as those users, and pytest's tmp_path is root's alone."""
+def counting(test_users):
+    """A CountingRunner: runs commands as the test users (through sudo) and records them."""
+    # imported here: test_ci_policy runs this file without the modules beside it
+    from helpers import CountingRunner
+    from schedulers import SudoRunner
+
+    return CountingRunner(SudoRunner())
+
+
+def _directory(mode: int) -> Iterator[Path]:
+    """A new directory under /tmp with `mode`, removed at the end: commands and jobs run as the test users,
+    and pytest's tmp_path is root's alone."""
     path = Path(tempfile.mkdtemp(prefix="hpchub-test-", dir="/tmp"))
-    path.chmod(0o1777)
+    path.chmod(mode)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def world() -> Iterator[Path]:
+    """A directory the test users can read, for programs they run (the tests' own Python, an emulator)."""
+    yield from _directory(0o755)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory the test users can write to, e.g. for job output."""
+    yield from _directory(0o1777)
+
+
+@pytest.fixture(scope="session")
+def proxy_installed() -> None:
+    require_service("configurable-http-proxy", shutil.which("configurable-http-proxy") is not None,
+                    "run scripts/setup-test-env.sh (npm install -g configurable-http-proxy)")

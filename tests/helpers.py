@@ -1,14 +1,19 @@
-"""Small helpers shared by the test modules: polling, process liveness, a runner that records commands."""
+"""Small helpers shared by the test modules: polling, process liveness, a runner that records commands, jobs
+cleaned up after a test, a submit whose answer is lost."""
 from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
 import time
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence, TypeVar
+from typing import Awaitable, Callable, Iterator, Sequence, TypeVar
 
-from job_templates import render_env_file
-from schedulers import CommandResult, JobStatus, Runner
+import pytest
+
+from job_templates import render_env_file, render_job_script
+from schedulers import (Adapter, CommandResult, JobRequest, JobState, JobStatus, Runner, SchedulerError,
+                        SchedulerUnavailable, SubmitRejected)
 
 T = TypeVar("T")
 
@@ -41,6 +46,63 @@ async def wait_until(check: Callable[[], Awaitable[dict[str, JobStatus]]],
             return statuses
         assert time.monotonic() < deadline, f"no success within {timeout} s; last: {statuses}"
         await asyncio.sleep(interval)
+
+
+class CountedQuery:
+    """`adapter.query(ids)` for wait_until, counting its calls in `calls`; `ids` may grow meanwhile."""
+
+    def __init__(self, adapter: Adapter, ids: list[str]):
+        self.adapter, self.ids, self.calls = adapter, ids, 0
+
+    async def __call__(self) -> dict[str, JobStatus]:
+        self.calls += 1
+        return await self.adapter.query(self.ids)
+
+
+def ended(*ids: str) -> Callable[[dict[str, JobStatus]], bool]:
+    """For wait_until: all these jobs have ended."""
+    return lambda statuses: all(statuses[i].state.is_terminal for i in ids)
+
+
+def cancelled_at_end(*cancel: str, timeout: float = 30) -> Iterator[list[str]]:
+    """For a fixture to yield from: a list for the ids a test submits; `cancel IDS...` ends those left at the end."""
+    ids: list[str] = []
+    yield ids
+    if ids:
+        subprocess.run([*cancel, *ids], capture_output=True, timeout=timeout)
+
+
+async def submit_with_lost_answer(adapter: Adapter, request: JobRequest, command: list[str], jobs: list[str]) -> str:
+    """Submit `command` as alice, rendered from the adapter's template, through `adapter.runner`: a CountingRunner
+    whose submit command submits for real, then never answers. The adapter must find the job by its tag within its
+    command timeout, the kill's grace and one lookup. Returns the job id, also appended to `jobs`."""
+    counting = adapter.runner
+    assert isinstance(counting, CountingRunner)
+    script = render_job_script(adapter.template, request, user="alice", env_file="/dev/null", command=command)
+    started = time.monotonic()
+    job_id = await adapter.submit(script, request, user="alice")
+    jobs.append(job_id)
+    assert time.monotonic() - started < adapter.command_timeout + 2 + 1  # the timeout, the kill's grace, one lookup
+    assert counting.calls == [tuple(adapter.submit_argv(request)), tuple(adapter.tag_query_argv(request.tag))]
+    assert job_id.isdigit() and await adapter.find_by_tag(request.tag) == [job_id]
+    assert (await adapter.query([job_id]))[job_id].state in (JobState.PENDING, JobState.RUNNING)
+    return job_id
+
+
+async def submit_refused(adapter: Adapter, script: str, request: JobRequest,
+                         match: str | None = None) -> SubmitRejected:
+    """alice's submit of `script` is refused by the scheduler (SubmitRejected matching `match`)."""
+    with pytest.raises(SubmitRejected, match=match) as error:
+        await adapter.submit(script, request, user="alice")
+    return error.value
+
+
+async def cancel_refused(adapter: Adapter, job_ids: list[str], match: str | None = None) -> SchedulerError:
+    """alice's cancel of `job_ids` fails with the scheduler's refusal (matching `match`), not as an outage."""
+    with pytest.raises(SchedulerError, match=match) as error:
+        await adapter.cancel(job_ids, user="alice")
+    assert not isinstance(error.value, SchedulerUnavailable)
+    return error.value
 
 
 def alive(pid: int) -> bool:

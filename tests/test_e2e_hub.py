@@ -31,12 +31,6 @@ c.BatchSpawner.req_memory = "500M"
 ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED"}
 
 
-@pytest.fixture(scope="session")
-def proxy_installed() -> None:
-    require_service("configurable-http-proxy", shutil.which("configurable-http-proxy") is not None,
-                    "run scripts/setup-test-env.sh (npm install -g configurable-http-proxy)")
-
-
 @pytest.fixture
 def hub_factory(tmp_path: Path, proxy_installed: None):
     hubs: list[Hub] = []

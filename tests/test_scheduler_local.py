@@ -13,30 +13,15 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 import schedulers
-from helpers import CountingRunner, alive, wait_until
-from job_templates import render_job_script
-from schedulers import (JobRequest, JobState, JobStatus, LocalAdapter, LocalRunner, SchedulerUnavailable,
-                        SubmitRejected, SudoRunner)
+from helpers import (CountedQuery, CountingRunner, alive, cancelled_at_end, ended, submit_with_lost_answer,
+                     wait_until)
+from schedulers import JobRequest, JobState, LocalAdapter, LocalRunner, SchedulerUnavailable, SubmitRejected, SudoRunner
 
 REQUEST = JobRequest(name="hpchub-test", tag="hpchub-test")
-
-
-def ended(*ids: str) -> Callable[[dict[str, JobStatus]], bool]:
-    return lambda statuses: all(statuses[i].state.is_terminal for i in ids)
-
-
-@pytest.fixture(scope="session")
-def world() -> Path:
-    """A world-readable directory under /tmp: the test users must reach localq's Python and the job files."""
-    path = Path(tempfile.mkdtemp(prefix="hpchub-test-localq-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -54,13 +39,6 @@ def python(world: Path) -> str:
 
 
 @pytest.fixture
-def shared_dir(world: Path) -> Path:
-    path = Path(tempfile.mkdtemp(prefix="jobs-", dir=world))
-    path.chmod(0o1777)
-    return path
-
-
-@pytest.fixture
 def spool(world: Path) -> Path:
     parent = Path(tempfile.mkdtemp(prefix="spool-parent-", dir=world))
     parent.chmod(0o755)
@@ -70,11 +48,7 @@ def spool(world: Path) -> Path:
 @pytest.fixture
 def cleanup(python: str, spool: Path):
     """Ids a test submitted: any still running at the end is cancelled, as root, which may signal anyone."""
-    ids: list[str] = []
-    yield ids
-    if ids and spool.exists():
-        subprocess.run([python, "-m", "schedulers.localq", "cancel", "--spool", str(spool), *ids],
-                       capture_output=True, timeout=30)
+    yield from cancelled_at_end(python, "-m", "schedulers.localq", "cancel", "--spool", str(spool))
 
 
 def job(directory: Path, body: str, *directives: str) -> str:
@@ -108,13 +82,7 @@ async def test_lifecycle_with_one_query_call_for_many_jobs(python, spool, shared
     ids = [waiter, failing, completing]
     cleanup.extend(ids)
     assert [int(i) for i in ids] == sorted(int(i) for i in ids) and len(set(ids)) == 3
-    queries = 0
-
-    async def query() -> dict[str, JobStatus]:
-        nonlocal queries
-        queries += 1
-        return await adapter.query(ids)
-
+    query = CountedQuery(adapter, ids)
     statuses = await wait_until(query, lambda s: s[waiter].state is JobState.RUNNING and ended(failing, completing)(s))
     assert statuses[waiter].nodes == (socket.gethostname(),) and statuses[waiter].exit_code is None
     assert (statuses[failing].state, statuses[failing].exit_code, statuses[failing].reason) == (
@@ -135,7 +103,7 @@ async def test_lifecycle_with_one_query_call_for_many_jobs(python, spool, shared
     assert (shared_dir / f"localq-{completing}.out").read_text() == f"{completing}\n{shared_dir}\n"
     assert stat.S_IMODE((shared_dir / f"localq-{waiter}.out").stat().st_mode) == 0o600
     queries_made = [argv for argv in counting.calls if "query" in argv]
-    assert len(queries_made) == queries and all(argv[-3:] == tuple(ids) for argv in queries_made)
+    assert len(queries_made) == query.calls and all(argv[-3:] == tuple(ids) for argv in queries_made)
 
 
 @pytest.mark.asyncio
@@ -261,16 +229,9 @@ async def test_lost_submit_answer_is_found_by_the_jobs_tag(python, spool, shared
     silent = shared_dir / "python"  # localq submits for real, then never answers
     silent.write_text(f'#!/bin/sh\ncase "$3" in submit) {python} "$@"; exec sleep 60;; esac\nexec {python} "$@"\n')
     silent.chmod(0o755)
-    counting = CountingRunner(SudoRunner())
-    adapter = LocalAdapter(counting, spool_dir=spool, python=str(silent), kill_grace_s=0.5, command_timeout=3)
+    adapter = LocalAdapter(CountingRunner(SudoRunner()), spool_dir=spool, python=str(silent), kill_grace_s=0.5,
+                           command_timeout=3)
     request = JobRequest(name="hpchub-test", tag=f"hpchub-test-{uuid.uuid4().hex}", walltime_s=60,
                          workdir=str(shared_dir), output=f"{shared_dir}/localq-%j.out")
-    script = render_job_script(adapter.template, request, user="alice", env_file="/dev/null", command=["sleep", "60"])
-    started = time.monotonic()
-    job_id = await adapter.submit(script, request, user="alice")
-    cleanup.append(job_id)
-    assert time.monotonic() - started < 3 + 2 + 1  # the timeout, the kill's grace, one find
-    assert [argv[3] for argv in counting.calls] == ["submit", "find"]
-    assert job_id.isdigit() and await adapter.find_by_tag(request.tag) == [job_id]
+    job_id = await submit_with_lost_answer(adapter, request, ["sleep", "60"], cleanup)
     assert sorted(p.name for p in spool.iterdir()) == [job_id]
-    assert (await adapter.query([job_id]))[job_id].state in (JobState.PENDING, JobState.RUNNING)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +17,7 @@ from typing import Sequence
 import pytest
 
 import helpers
-from helpers import CountingRunner
+from helpers import CountedQuery, cancel_refused, ended, submit_refused
 from job_templates import render_job_script
 from schedulers import (CommandResult, CommandTimeout, JobRequest, JobState, JobStatus, LocalRunner, Runner,
                         SchedulerError, SchedulerUnavailable, SubmitRejected, SudoRunner)
@@ -34,17 +33,11 @@ NODE = socket.gethostname().split(".")[0]
 wait_until = helpers.wait_until
 
 
-@dataclass
 class Emulator:
-    root: Path
+    """An installed emulated server: its commands in bin/, its state in home/."""
 
-    @property
-    def bin(self) -> Path:
-        return self.root / "bin"
-
-    @property
-    def home(self) -> Path:
-        return self.root / "home"
+    def __init__(self, root: Path):
+        self.root, self.bin, self.home = root, root / "bin", root / "home"
 
     def run(self, command: str, *args: str, user: str | None = None, stdin: str = "") -> subprocess.CompletedProcess:
         argv = [str(self.bin / command), *args]
@@ -56,21 +49,12 @@ class Emulator:
         return json.loads(self.run("qstat", "-f", "-F", "json", "-x").stdout).get("Jobs", {})
 
 
-@pytest.fixture(scope="module")
-def world() -> Path:
-    """A world-readable directory under /tmp: the test users run the emulator from there."""
-    assert not sys.executable.startswith("/root"), (
-        f"run the tests with a Python the test users can execute, e.g. /opt/hpchub/bin/python, not {sys.executable}")
-    path = Path(tempfile.mkdtemp(prefix="hpchub-test-pbs-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture
 def pbs(world: Path) -> Emulator:
-    """A fresh emulated server (one node of NCPUS CPUs, queues workq and debug) per test; whatever a test leaves
-    queued or running is deleted and waited for."""
+    """A fresh emulated server (one node of NCPUS CPUs, queues workq and debug) per test, installed where the test
+    users run it from; whatever a test leaves queued or running is deleted and waited for."""
+    assert not sys.executable.startswith("/root"), (
+        f"run the tests with a Python the test users can execute, e.g. /opt/hpchub/bin/python, not {sys.executable}")
     root = Path(tempfile.mkdtemp(prefix="server-", dir=world))
     subprocess.run([sys.executable, str(EMULATOR / "pbs_emu.py"), "install", str(root), "--server", SERVER,
                     "--ncpus", str(NCPUS), "--queues", "workq,debug", "--kill-delay", "1"],
@@ -86,11 +70,6 @@ def pbs(world: Path) -> Emulator:
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def counting(test_users) -> CountingRunner:
-    return CountingRunner(SudoRunner())
-
-
 def adapter_for(pbs: Emulator, runner: Runner) -> PBSAdapter:
     return PBSAdapter(runner, pbs_exec=str(pbs.root))
 
@@ -101,22 +80,12 @@ def script(directory: Path, body: str, *directives: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ended(*ids: str):
-    return lambda statuses: all(statuses[i].state.is_terminal for i in ids)
-
-
 @pytest.mark.asyncio
 async def test_lifecycle_as_alice_with_one_qstat_per_query(pbs, counting, shared_dir):
     adapter = adapter_for(pbs, counting)
     go = shared_dir / "go"
     ids: list[str] = []
-    queries = 0
-
-    async def query() -> dict[str, JobStatus]:
-        nonlocal queries
-        queries += 1
-        return await adapter.query(ids)
-
+    query = CountedQuery(adapter, ids)
     waiter = await adapter.submit(
         script(shared_dir, f"id -un; echo $PBS_JOBID; while [ ! -e {go} ]; do sleep 0.05; done"), REQUEST, user="alice")
     failing = await adapter.submit(script(shared_dir, "echo failing >&2; exit 3"), REQUEST, user="alice")
@@ -138,7 +107,7 @@ async def test_lifecycle_as_alice_with_one_qstat_per_query(pbs, counting, shared
     assert (shared_dir / f"hpchub-test.o{seq}").owner() == "alice"
     assert (shared_dir / f"hpchub-test.o{failing.split('.')[0]}").read_text() == "failing\n"
     qstats = [argv for argv in counting.calls if argv[0] == str(pbs.bin / "qstat")]
-    assert len(qstats) == queries
+    assert len(qstats) == query.calls
     assert all(argv[1:] == ("-f", "-F", "json", "-x", waiter, failing) for argv in qstats)
 
 
@@ -233,10 +202,8 @@ async def test_cancel_many_in_one_call(pbs, counting, shared_dir):
 async def test_cancel_of_someone_elses_job_is_an_error(pbs, counting, shared_dir):
     adapter = adapter_for(pbs, counting)
     bobs = await adapter.submit(script(shared_dir, "sleep 300"), REQUEST, user="bob")
-    with pytest.raises(SchedulerError, match="Unauthorized Request") as error:
-        await adapter.cancel([bobs], user="alice")
-    assert not isinstance(error.value, SchedulerUnavailable)
-    assert error.value.result is not None and error.value.result.returncode == 15007 % 256
+    error = await cancel_refused(adapter, [bobs], "Unauthorized Request")
+    assert error.result is not None and error.result.returncode == 15007 % 256
     assert (await adapter.query([bobs]))[bobs].state in (JobState.PENDING, JobState.RUNNING)
 
 
@@ -294,10 +261,9 @@ async def test_missing_commands_are_unavailable(tmp_path):
 @pytest.mark.asyncio
 async def test_unknown_queue_is_rejected_with_pbss_message(pbs, counting, shared_dir):
     adapter = adapter_for(pbs, counting)
-    with pytest.raises(SubmitRejected) as error:
-        await adapter.submit(script(shared_dir, "true", "-q nosuchqueue"), REQUEST, user="alice")
-    assert error.value.reason == "Unknown queue"
-    assert error.value.result is not None and error.value.result.returncode == 15018 % 256
+    error = await submit_refused(adapter, script(shared_dir, "true", "-q nosuchqueue"), REQUEST)
+    assert error.reason == "Unknown queue"
+    assert error.result is not None and error.result.returncode == 15018 % 256
     assert pbs.jobs() == {}
 
 

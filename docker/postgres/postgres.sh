@@ -16,10 +16,12 @@
 # Authentication: peer for the superuser postgres over the socket; trust for hpchub, to its database
 # only, over the socket and 127.0.0.1; everything else is rejected. Log: /var/log/hpchub-test-pg/.
 set -euo pipefail
-umask 022
-export DEBIAN_FRONTEND=noninteractive
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+TAG=postgres.sh
+# shellcheck source=docker/lib/service.sh
+source "$HERE/../lib/service.sh"
+ROOT_FOR="packages, initdb as postgres, daemons"
 PG_MAJOR=15
 PGBIN=/usr/lib/postgresql/$PG_MAJOR/bin
 BASE=/var/lib/hpchub-test-pg
@@ -35,50 +37,24 @@ ROLE=hpchub
 DB=hpchub_ledger_test
 URL="postgresql+psycopg://$ROLE@$ADDR:$PORT/$DB"
 WAIT=${HPCHUB_PG_WAIT:-60}
-T0=$(date +%s%N)
 export PGCONNECT_TIMEOUT=5
-
-log() { printf '[postgres.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-now_ns() { date +%s%N; }
-elapsed() { local ms=$(( ($(now_ns) - T0) / 1000000 )); printf '%d.%01d s' $((ms / 1000)) $((ms % 1000 / 100)); }
-
-# shellcheck source=docker/slurm-cluster/apt.sh
-source "$HERE/../slurm-cluster/apt.sh"
-trap remove_policy EXIT
-trap 'exit 130' INT TERM   # so that the EXIT trap runs
 
 # as_pg CMD...: CMD as the user postgres, from a directory it can read
 as_pg() { (cd / && runuser -u postgres -- "$@"); }
 
-# pg_pid: the postmaster's pid, when it runs: from its lock file, not a zombie (kill -0 lies about
-# those), and a postgres process (a stale lock file may name a reused pid)
+# pg_pid: the postmaster's pid, from its lock file, when that names a live postgres
 pg_pid() {
-  local pid stat
-  pid=$(head -n1 "$DATA/postmaster.pid" 2>/dev/null | tr -dc 0-9) && [[ -n $pid ]] || return 1
-  stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
-  [[ ${stat#*) } != [ZX]* && $stat == "$pid (postgres) "* ]] || return 1
-  echo "$pid"
+  local pid
+  pid=$(pidfile_pid "$DATA/postmaster.pid") && proc_alive "$pid" postgres && echo "$pid"
 }
+pg_running() { pg_pid >/dev/null || fail_with_logs "PostgreSQL is not running"; }
 
 ready() { timeout 10 "$PGBIN/pg_isready" -q -h "$ADDR" -p "$PORT" -U "$ROLE" -d "$DB" -t 5; }
 
 # sql STATEMENT: run it as the superuser over the socket; prints the rows unaligned
 sql() { as_pg timeout 30 "$PGBIN/psql" -X -q -tA -v ON_ERROR_STOP=1 -h "$SOCKDIR" -p "$PORT" -d postgres -c "$1"; }
 
-fail_with_log() {
-  log "ERROR: $1"
-  if [[ -s $LOG ]]; then printf -- '----- tail of %s -----\n' "$LOG" >&2; tail -n 20 "$LOG" >&2; fi
-  exit 1
-}
-
-# install_if_changed FILE NEW: replace FILE (owned by postgres, 0600) by NEW when they differ; says
-# whether it changed (exit 0)
-install_if_changed() {
-  if cmp -s "$2" "$1"; then rm -f "$2"; return 1; fi
-  install -m 600 -o postgres -g postgres "$2" "$1"
-  rm -f "$2"
-}
+log_files() { echo "$LOG"; }
 
 init_cluster() {
   install -d -m 755 -o postgres -g postgres "$BASE" "$LOGDIR"
@@ -99,7 +75,7 @@ init_cluster() {
 
 write_conf() {
   local tmp
-  tmp=$(mktemp)
+  tmp=$TMP/new
   cat >"$tmp" <<EOF
 # written by docker/postgres/postgres.sh: the hpchub test server
 listen_addresses = '$ADDR'
@@ -107,8 +83,8 @@ port = $PORT
 unix_socket_directories = '$SOCKDIR'
 max_connections = 50
 EOF
-  if install_if_changed "$DATA/hpchub.conf" "$tmp"; then log "writing $DATA/hpchub.conf"; fi
-  tmp=$(mktemp)
+  if install_if_changed 600 postgres "$DATA/hpchub.conf" "$tmp"; then log "writing $DATA/hpchub.conf"; fi
+  tmp=$TMP/new
   cat >"$tmp" <<EOF
 # written by docker/postgres/postgres.sh
 # TYPE  DATABASE            USER      ADDRESS       METHOD
@@ -116,10 +92,10 @@ local   all                 postgres                peer
 local   $DB  $ROLE                  trust
 host    $DB  $ROLE    $ADDR/32  trust
 EOF
-  if install_if_changed "$DATA/pg_hba.conf" "$tmp"; then log "writing $DATA/pg_hba.conf"; fi
+  if install_if_changed 600 postgres "$DATA/pg_hba.conf" "$tmp"; then log "writing $DATA/pg_hba.conf"; fi
 }
 
-stop_pg() {
+stop() {
   local pid
   pid=$(pg_pid) || { rm -f "$RUNNING_CONF"; return 0; }
   log "stopping PostgreSQL (pid $pid)"
@@ -132,11 +108,10 @@ stop_pg() {
 
 settings() { cat "$DATA/hpchub.conf" "$DATA/pg_hba.conf"; }
 
-STARTED="nothing to start"
 start_pg() {
   if pg_pid >/dev/null && ! settings | cmp -s - "$RUNNING_CONF"; then
     log "the settings changed: restarting PostgreSQL"
-    stop_pg
+    stop
   fi
   pg_pid >/dev/null && return 0
   install -d -m 755 -o postgres -g postgres "$SOCKDIR"
@@ -146,21 +121,8 @@ start_pg() {
   # the server appends to it as postgres: it must not be created by root's redirection below
   [[ -e $LOG ]] || install -m 640 -o postgres -g postgres /dev/null "$LOG"
   log "starting PostgreSQL $PG_MAJOR on $ADDR:$PORT"
-  # pg_ctl -W returns at once (the wait is ours, with pg_isready); setsid keeps our caller's pipes out
-  # shellcheck disable=SC2094
-  (cd / && setsid -f runuser -u postgres -- "$PGBIN/pg_ctl" start -W -D "$DATA" -l "$LOG" </dev/null >>"$LOG" 2>&1 9>&-)
-  STARTED="started PostgreSQL"
-}
-
-wait_ready() {
-  local start deadline
-  start=$(now_ns); deadline=$(( start + WAIT * 1000000000 ))
-  until ready; do
-    # the lock file appears at once; without a live postmaster after 5 s the start failed
-    if (( $(now_ns) > start + 5000000000 )) && ! pg_pid >/dev/null; then fail_with_log "PostgreSQL is not running"; fi
-    (( $(now_ns) < deadline )) || fail_with_log "PostgreSQL does not accept connections after ${WAIT} s"
-    sleep 0.2
-  done
+  # pg_ctl -W returns at once (the wait is ours, with pg_isready)
+  launch PostgreSQL "$LOG" runuser -u postgres -- "$PGBIN/pg_ctl" start -W -D "$DATA" -l "$LOG"
 }
 
 ensure_database() {
@@ -174,7 +136,7 @@ ensure_database() {
   fi
   local who
   who=$(timeout 30 "$PGBIN/psql" -X -tA -d "postgresql://$ROLE@$ADDR:$PORT/$DB" -c 'SELECT current_user' 2>&1) || true
-  [[ $who == "$ROLE" ]] || fail_with_log "$ROLE cannot log in to $DB over TCP: $who"
+  [[ $who == "$ROLE" ]] || fail_with_logs "$ROLE cannot log in to $DB over TCP: $who"
 }
 
 start() {
@@ -184,9 +146,9 @@ start() {
   init_cluster
   write_conf
   start_pg
-  wait_ready
+  wait_ready "$WAIT" pg_running ready || fail_with_logs "PostgreSQL does not accept connections after ${WAIT} s"
   ensure_database
-  log "PostgreSQL $PG_MAJOR ready on $ADDR:$PORT in $(elapsed) (pid $(pg_pid)), database $DB, role $ROLE; $STARTED"
+  log "PostgreSQL $PG_MAJOR ready on $ADDR:$PORT in $(elapsed) (pid $(pg_pid)), database $DB, role $ROLE; $(started)"
   echo "$URL"
 }
 
@@ -203,18 +165,4 @@ status() {
   fi
 }
 
-take_lock() {
-  exec 9>"$LOCK"
-  flock -w 300 9 || die "another postgres.sh holds $LOCK"
-}
-
-require_root() {
-  ((EUID == 0)) || { echo "postgres.sh: $1 must run as root (packages, initdb as postgres, daemons); try: sudo $0 $1" >&2; exit 1; }
-}
-
-case "${1:-}" in
-  start) require_root start; take_lock; start ;;
-  stop) require_root stop; take_lock; stop_pg ;;
-  status) status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
-esac
+service_main "$@"

@@ -16,95 +16,40 @@
 # Progress goes to stderr; `start` prints one summary line on stdout. Daemon messages:
 # /var/spool/gridengine/qmaster/messages, /var/spool/gridengine/execd/*/messages.
 set -euo pipefail
-umask 022
-export DEBIAN_FRONTEND=noninteractive
 export SGE_ROOT=/var/lib/gridengine SGE_CELL=default
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+TAG="sge cluster.sh"
+# shellcheck source=docker/lib/service.sh
+source "$HERE/../lib/service.sh"
+ROOT_FOR="it installs packages, writes /etc and starts daemons"
+LOCK=/run/hpchub-sge.lock
+LOCK_WAIT=600
 CONF_TEMPLATE=$HERE/sge.conf.in
 COMMON=$SGE_ROOT/$SGE_CELL/common
 SPOOL=/var/spool/gridengine
 QMASTER_PID=$SPOOL/qmaster/qmaster.pid
 LOGDIR=/var/log/gridengine
-LOCK=/run/hpchub-sge.lock
 PE_DIR=/usr/share/gridengine/util/resources/pe
 QUEUES=(all.q short.q)             # the [queue ...] sections of sge.conf.in; the first is the default
-TEST_USERS=(alice bob)             # password: <name>pw, as docker/slurm-cluster/cluster.sh sets
 PACKAGES=(gridengine-master gridengine-exec gridengine-client sudo)
 WAIT=${HPCHUB_SGE_WAIT:-60}
 HOST=$(hostname -s)
-T0=$(date +%s%N)
 
-log() { printf '[sge cluster.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-now_ns() { date +%s%N; }
-elapsed() { local ms=$(( ($(now_ns) - T0) / 1000000 )); printf '%d.%01d s' $((ms / 1000)) $((ms % 1000 / 100)); }
+log_files() { printf '%s\n' "$SPOOL/qmaster/messages" "$SPOOL"/execd/*/messages "$LOGDIR"/*.out; }
 
 # --- processes ----------------------------------------------------------------------------------
-# running PIDFILE COMM: the pid file names a live process (no zombie: kill -0 succeeds on those) of
-# program COMM (a stale pid file may name a reused pid)
-running() {
-  local pid stat rest comm
-  pid=$(tr -dc 0-9 2>/dev/null <"$1") && [[ -n $pid ]] || return 1
-  stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
-  rest=${stat##*) }; comm=${stat#*(}; comm=${comm%) *}
-  [[ ${rest%% *} != [ZX] && $comm == "$2" ]]
-}
-
-gone() { ! running "$@"; }
-
 # pidfile COMM: where sge_qmaster or sge_execd writes its pid. The execd's spool directory is named
 # as SGE resolves this host before host_aliases apply ("localhost" here): take the one that exists.
 pidfile() {
   local f
   [[ $1 == sge_qmaster ]] && { echo "$QMASTER_PID"; return; }
-  for f in "$SPOOL"/execd/*/execd.pid; do running "$f" sge_execd && { echo "$f"; return; }; done
+  for f in "$SPOOL"/execd/*/execd.pid; do daemon_alive "$f" sge_execd && { echo "$f"; return; }; done
   for f in "$SPOOL"/execd/*/execd.pid; do [[ -e $f ]] && { echo "$f"; return; }; done
   echo "$SPOOL/execd/$HOST/execd.pid"
 }
 
-# stop_pidfile PIDFILE COMM: SIGTERM, then SIGKILL after 30 s (sge_qmaster takes 5-10 s to stop);
-# returns when the process is gone
-stop_pidfile() {
-  local pid sig
-  running "$1" "$2" || { rm -f "$1"; return 0; }
-  pid=$(tr -dc 0-9 <"$1")
-  for sig in TERM KILL; do
-    log "stopping $2 (pid $pid, SIG$sig)"
-    kill "-$sig" "$pid" 2>/dev/null || true
-    wait_until 30 gone "$1" "$2" && break
-  done
-  running "$1" "$2" && die "$2 (pid $pid) survives SIGKILL"
-  rm -f "$1"
-}
-
-# wait_until SECONDS CMD...: poll CMD every 0.2 s until it succeeds; fail after SECONDS
-wait_until() {
-  local deadline=$(( $(now_ns) + $1 * 1000000000 )); shift
-  until "$@" >/dev/null 2>&1; do
-    (( $(now_ns) < deadline )) || return 1
-    sleep 0.2
-  done
-}
-
-fail_with_logs() {
-  local f
-  log "ERROR: $1"
-  for f in "$SPOOL/qmaster/messages" "$SPOOL"/execd/*/messages "$LOGDIR"/*.out; do
-    [[ -s $f ]] || continue
-    printf -- '----- tail of %s -----\n' "$f" >&2
-    tail -n 15 "$f" >&2
-  done
-  exit 1
-}
-
 # --- packages, names, users ---------------------------------------------------------------------
-# shellcheck source=docker/slurm-cluster/apt.sh
-source "$HERE/../slurm-cluster/apt.sh"
-TMP=$(mktemp -d)
-trap 'remove_policy; rm -rf "$TMP"' EXIT
-trap 'exit 130' INT TERM   # so that the EXIT trap runs
-
 install_packages() {
   [[ -z $(apt_missing "${PACKAGES[@]}") ]] && return 0
   # the answers gridengine-common asks for: without them no cell is created (or a dialog waits)
@@ -120,8 +65,7 @@ EOF
 # write_if_changed FILE: stdin becomes FILE (owned by sgeadmin) unless FILE has it already; 0 if written
 write_if_changed() {
   cat >"$TMP/new"
-  cmp -s "$TMP/new" "$1" && return 1
-  install -m 644 -o sgeadmin -g sgeadmin "$TMP/new" "$1"
+  install_if_changed 644 sgeadmin "$1" "$TMP/new"
 }
 
 # SGE compares the name a client claims with the reverse lookup of its address. Here the host name
@@ -130,8 +74,7 @@ write_if_changed() {
 NAMES_CHANGED=0
 ensure_names() {
   local addr canon
-  [[ $HOST =~ ^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$ ]] || die "host name '$HOST' is not a valid short host name"
-  getent hosts "$HOST" >/dev/null || printf '127.0.0.1 %s # hpchub-host\n' "$HOST" >>/etc/hosts
+  resolve_host "$HOST"
   addr=$(getent hosts "$HOST" | awk '{print $1; exit}')
   canon=$(/usr/lib/gridengine/gethostbyaddr "$addr" | awk '$1 == "Hostname:" {print $2}')
   if [[ -n $canon && $canon != "$HOST" ]]; then
@@ -141,16 +84,6 @@ ensure_names() {
   fi
   echo "$HOST" | write_if_changed "$COMMON/act_qmaster" && NAMES_CHANGED=1
   return 0
-}
-
-ensure_users() {
-  local u
-  for u in "${TEST_USERS[@]}"; do
-    id "$u" >/dev/null 2>&1 && continue
-    log "creating test user $u"
-    useradd -m -s /bin/bash "$u"
-    printf '%s:%spw\n' "$u" "$u" | chpasswd
-  done
 }
 
 # --- configuration ------------------------------------------------------------------------------
@@ -220,7 +153,7 @@ apply() {
 # configure: this host as submit host, the parallel environments Debian ships, then every section
 # of sge.conf.in, in order
 configure() {
-  local pe line f kind name
+  local pe f kind name
   if ! qconf -ss 2>/dev/null | grep -qxF "$HOST"; then
     log "adding submit host $HOST"
     qconf_quiet -as "$HOST"
@@ -232,9 +165,7 @@ configure() {
     qconf_quiet -Ap "$PE_DIR/$pe"
     CONFIGURED+=("pe:$pe")
   done
-  [[ -r $CONF_TEMPLATE ]] || die "missing $CONF_TEMPLATE"
-  sed "s/@HOST@/$HOST/g" "$CONF_TEMPLATE" >"$TMP/conf"
-  if line=$(grep -n '@[A-Za-z_]*@' "$TMP/conf"); then die "unknown placeholder left in $CONF_TEMPLATE: $line"; fi
+  render "$CONF_TEMPLATE" "$TMP/conf" HOST="$HOST"
   # one file per section: "KIND NAME", then its attribute lines
   awk -v dir="$TMP" '/^\[/ { f = sprintf("%s/section.%03d", dir, ++n); gsub(/[][]/, ""); print > f; next }
                      n && NF && !/^#/ { print > f }' "$TMP/conf"
@@ -251,16 +182,14 @@ configure() {
 }
 
 # --- daemons ------------------------------------------------------------------------------------
-alive() { running "$(pidfile "$1")" "$1"; }
+alive() { daemon_alive "$(pidfile "$1")" "$1"; }
 
-STARTED=()
 start_daemon() {  # COMM
   alive "$1" && return 0
   rm -f "$(pidfile "$1")"
   log "starting $1"
-  STARTED+=("$1")
-  # they fork into the background themselves; setsid -f and the redirections keep our pipes out of them
-  (cd / && setsid -f "/usr/sbin/$1" </dev/null >>"$LOGDIR/$1.out" 2>&1 9>&-)
+  # they fork into the background themselves; launch keeps our pipes out of them
+  launch "$1" "$LOGDIR/$1.out" "/usr/sbin/$1"
   wait_until "$WAIT" alive "$1" || fail_with_logs "$1 did not start (no live pid in $(pidfile "$1"))"
 }
 
@@ -296,21 +225,11 @@ repair_queues() {
   return 0
 }
 
-require_root() {
-  ((EUID == 0)) || { echo "cluster.sh: $1 must run as root (it installs packages, writes /etc and" \
-    "starts daemons); try: sudo $0 $1" >&2; exit 1; }
-}
-
-take_lock() {
-  exec 9>"$LOCK"
-  flock -w 600 9 || die "another sge cluster.sh holds $LOCK"
-}
-
 start() {
   local changed
   [[ $WAIT =~ ^[0-9]+$ ]] || die "HPCHUB_SGE_WAIT must be a whole number of seconds, not '$WAIT'"
   install_packages
-  ensure_users
+  ensure_test_users
   ensure_names
   install -d -m 755 "$LOGDIR"
   install -d -m 755 -o sgeadmin -g sgeadmin /run/gridengine
@@ -329,36 +248,27 @@ start() {
     timeout 10 qstat -f >&2 || true
     fail_with_logs "queue instances of ${QUEUES[*]} on $HOST not ready after ${WAIT} s"
   fi
-  changed="nothing to start"
-  ((${#STARTED[@]} == 0)) || changed="started ${STARTED[*]}"
+  changed=$(started)
   ((${#CONFIGURED[@]} == 0)) || changed+="; configured ${CONFIGURED[*]}"
   echo "SGE cluster ready on $HOST in $(elapsed): queues $(qconf -sql | paste -sd ' '); $changed"
 }
 
+# stop: sge_qmaster takes 5-10 s to stop
 stop() {
-  stop_pidfile "$(pidfile sge_execd)" sge_execd
-  stop_pidfile "$QMASTER_PID" sge_qmaster
+  stop_daemon "$(pidfile sge_execd)" sge_execd 30
+  stop_daemon "$QMASTER_PID" sge_qmaster 30
+  log "stopped"
 }
+
+restart() { stop; start; }
 
 status() {
   local rc=0 comm
-  for comm in sge_qmaster sge_execd; do
-    if alive "$comm"; then
-      echo "$comm: running (pid $(<"$(pidfile "$comm")"))"
-    else
-      echo "$comm: not running"; rc=3
-    fi
-  done
+  for comm in sge_qmaster sge_execd; do report "$(pidfile "$comm")" "$comm" "$comm" || rc=3; done
   if ((rc == 0)); then
     timeout 10 qstat -f || rc=3
   fi
   return "$rc"
 }
 
-case "${1:-}" in
-  start) require_root start; take_lock; start ;;
-  stop) require_root stop; take_lock; stop; log "stopped" ;;
-  restart) require_root restart; take_lock; stop; start ;;
-  status) status ;;
-  *) echo "usage: $0 start|stop|status|restart" >&2; exit 2 ;;
-esac
+service_main "$@"

@@ -17,10 +17,12 @@
 #   /etc/hpchub-test-sshd/client/known_hosts   "[127.0.0.1]:2222 ssh-ed25519 ..." for this sshd
 # Log: /var/log/hpchub-test-sshd.log. The test users come from docker/slurm-cluster/cluster.sh.
 set -euo pipefail
-umask 022
-export DEBIAN_FRONTEND=noninteractive
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+TAG=sshd.sh
+# shellcheck source=docker/lib/service.sh
+source "$HERE/../lib/service.sh"
+ROOT_FOR="packages, accounts, /etc, sudoers"
 DIR=/etc/hpchub-test-sshd
 CONF=$DIR/sshd_config
 HOST_KEY=$DIR/ssh_host_ed25519_key
@@ -37,30 +39,17 @@ ADDR=127.0.0.1
 PORT=2222
 SERVICE_USER=hpchub-submit
 SERVICE_HOME=/var/lib/hpchub-submit
-TEST_USERS=(alice bob)
 WAIT=${HPCHUB_SSHD_WAIT:-30}
-T0=$(date +%s%N)
 
-log() { printf '[sshd.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-now_ns() { date +%s%N; }
-elapsed() { local ms=$(( ($(now_ns) - T0) / 1000000 )); printf '%d.%01d s' $((ms / 1000)) $((ms % 1000 / 100)); }
-
-# shellcheck source=docker/slurm-cluster/apt.sh
-source "$HERE/../slurm-cluster/apt.sh"
-trap remove_policy EXIT
-trap 'exit 130' INT TERM   # so that the EXIT trap runs
-
-# sshd_pid: the pid of this sshd, when it runs: not a zombie (kill -0 lies about those), and an sshd
-# started with our configuration (a stale pid file may name a reused pid)
+# sshd_pid: the pid of this sshd, when it runs: a live sshd started with our configuration (a stale
+# pid file may name a reused pid)
 sshd_pid() {
-  local pid stat
-  [[ -s $PIDFILE ]] && pid=$(tr -dc 0-9 <"$PIDFILE") && [[ -n $pid ]] || return 1
-  stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
-  [[ ${stat#*) } != [ZX]* ]] || return 1
+  local pid
+  pid=$(pidfile_pid "$PIDFILE") && proc_alive "$pid" sshd || return 1
   tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "-f $CONF " || return 1
   echo "$pid"
 }
+sshd_running() { sshd_pid >/dev/null || fail_with_logs "sshd is not running"; }
 
 # probe: log in as the service account with its key, the host key checked against known_hosts, and
 # run a command as the first test user through sudo; prints what came back
@@ -71,27 +60,14 @@ probe() {
 }
 login_works() { [[ $(probe) == "${TEST_USERS[0]}" ]]; }
 
-fail_with_log() {
-  log "ERROR: $1"
-  if [[ -s $LOG ]]; then printf -- '----- tail of %s -----\n' "$LOG" >&2; tail -n 20 "$LOG" >&2; fi
-  exit 1
-}
+log_files() { echo "$LOG"; }
 
-# render TEMPLATE OUT: the template with its @NAME@ placeholders substituted
-render() {
-  local left runas
+# render_in NAME OUT: NAME.in beside this script with its placeholders substituted
+render_in() {
+  local runas
   printf -v runas '%s, ' "${TEST_USERS[@]}"
-  sed -e "s|@DIR@|$DIR|g" -e "s|@ADDR@|$ADDR|g" -e "s|@PORT@|$PORT|g" -e "s|@PIDFILE@|$PIDFILE|g" \
-      -e "s|@SERVICE_USER@|$SERVICE_USER|g" -e "s|@RUNAS@|${runas%, }|g" \
-      "$1" >"$2"
-  if left=$(grep -n '@[A-Z_]*@' "$2"); then die "unknown placeholder left in $1: $left"; fi
-}
-
-# install_if_changed MODE FILE NEW: replace FILE by NEW when they differ; say whether it changed (exit 0)
-install_if_changed() {
-  if cmp -s "$3" "$2"; then rm -f "$3"; return 1; fi
-  install -m "$1" -o root -g root "$3" "$2"
-  rm -f "$3"
+  render "$HERE/$1.in" "$2" DIR="$DIR" ADDR="$ADDR" PORT="$PORT" PIDFILE="$PIDFILE" SERVICE_USER="$SERVICE_USER" \
+    RUNAS="${runas%, }"
 }
 
 ensure_service_account() {
@@ -117,74 +93,53 @@ ensure_keys() {
     rm -f "$CLIENT_KEY" "$CLIENT_KEY.pub"
     ssh-keygen -q -t ed25519 -N '' -C "$SERVICE_USER@hpchub-test" -f "$CLIENT_KEY"
   fi
-  local tmp
   # as docs/runners.md recommends: no forwarding, no pty, and only from the hub's address
-  tmp=$(mktemp); printf 'restrict,from="%s" %s\n' "$ADDR" "$(cat "$CLIENT_KEY.pub")" >"$tmp"
-  install_if_changed 644 "$AUTH_DIR/$SERVICE_USER" "$tmp" || true
-  tmp=$(mktemp); printf '[%s]:%s %s\n' "$ADDR" "$PORT" "$(cut -d' ' -f1,2 "$HOST_KEY.pub")" >"$tmp"
-  install_if_changed 644 "$KNOWN_HOSTS" "$tmp" || true
+  printf 'restrict,from="%s" %s\n' "$ADDR" "$(cat "$CLIENT_KEY.pub")" >"$TMP/new"
+  install_if_changed 644 root "$AUTH_DIR/$SERVICE_USER" "$TMP/new" || true
+  printf '[%s]:%s %s\n' "$ADDR" "$PORT" "$(cut -d' ' -f1,2 "$HOST_KEY.pub")" >"$TMP/new"
+  install_if_changed 644 root "$KNOWN_HOSTS" "$TMP/new" || true
 }
 
 write_sudoers() {
-  local tmp out
-  tmp=$(mktemp)
-  render "$HERE/sudoers.in" "$tmp"
-  out=$(visudo -c -q -f "$tmp" 2>&1) || { rm -f "$tmp"; die "sudoers drop-in from $HERE/sudoers.in is invalid: $out"; }
-  if install_if_changed 440 "$SUDOERS" "$tmp"; then
+  local tmp=$TMP/sudoers out
+  render_in sudoers "$tmp"
+  out=$(visudo -c -q -f "$tmp" 2>&1) || die "sudoers drop-in from $HERE/sudoers.in is invalid: $out"
+  if install_if_changed 440 root "$SUDOERS" "$tmp"; then
     log "writing $SUDOERS"
     out=$(visudo -c -q 2>&1) || { rm -f "$SUDOERS"; die "sudoers invalid with $SUDOERS (removed it): $out"; }
   fi
 }
 
 write_conf() {
-  local tmp out
-  tmp=$(mktemp)
-  render "$HERE/sshd_config.in" "$tmp"
-  out=$(/usr/sbin/sshd -t -f "$tmp" 2>&1) || { rm -f "$tmp"; die "sshd rejects the configuration: $out"; }
-  if install_if_changed 644 "$CONF" "$tmp"; then log "writing $CONF"; fi
+  local tmp=$TMP/sshd_config out
+  render_in sshd_config "$tmp"
+  out=$(/usr/sbin/sshd -t -f "$tmp" 2>&1) || die "sshd rejects the configuration: $out"
+  if install_if_changed 644 root "$CONF" "$tmp"; then log "writing $CONF"; fi
 }
 
-# stop_sshd: TERM the listener's sessions and the listener (sessions outlive it otherwise); KILL after 10 s
-stop_sshd() {
-  local pid pids deadline
+# stop: TERM the listener's sessions and the listener (sessions outlive it otherwise); KILL after 10 s
+stop() {
+  local pid pids
   pid=$(sshd_pid) || { rm -f "$PIDFILE" "$RUNNING"; return 0; }
   log "stopping sshd (pid $pid) and its sessions"
   mapfile -t pids < <(ps -o pid= --ppid "$pid" | tr -d ' ')
-  kill -TERM "${pids[@]}" "$pid" 2>/dev/null || true
-  deadline=$(( $(now_ns) + 10000000000 ))
-  while sshd_pid >/dev/null && (( $(now_ns) < deadline )); do sleep 0.1; done
-  if sshd_pid >/dev/null; then log "sshd ignored SIGTERM for 10 s: SIGKILL"; kill -KILL "$pid" 2>/dev/null || true; fi
+  terminate "$pid" sshd 10 "${pids[@]}"
   rm -f "$PIDFILE" "$RUNNING"
 }
 
 running_state() { cat "$CONF" "$HOST_KEY.pub"; }
 
-STARTED="nothing to start"
 start_sshd() {
   if sshd_pid >/dev/null && ! cmp -s <(running_state) "$RUNNING"; then
     log "the configuration or the host key changed: restarting sshd"
-    stop_sshd
+    stop
   fi
   sshd_pid >/dev/null && return 0
   rm -f "$PIDFILE"
   log "starting sshd on $ADDR:$PORT"
   running_state >"$RUNNING"
-  # -D: setsid detaches it instead, so no caller reading our output waits on the daemon; what sshd
-  # prints before it opens its -E log goes to the same file
-  # shellcheck disable=SC2094
-  setsid -f /usr/sbin/sshd -D -f "$CONF" -E "$LOG" </dev/null >>"$LOG" 2>&1 9>&-
-  STARTED="started sshd"
-}
-
-wait_ready() {
-  local start deadline
-  start=$(now_ns); deadline=$(( start + WAIT * 1000000000 ))
-  until login_works; do
-    # the pid file appears once sshd listens; without it after 5 s sshd has died
-    if (( $(now_ns) > start + 5000000000 )) && ! sshd_pid >/dev/null; then fail_with_log "sshd is not running"; fi
-    (( $(now_ns) < deadline )) || fail_with_log "$SERVICE_USER cannot log in after ${WAIT} s: $(probe | tail -n 3)"
-    sleep 0.2
-  done
+  # -D: launch detaches it instead; what sshd prints before it opens its -E log goes to the same file
+  launch sshd "$LOG" /usr/sbin/sshd -D -f "$CONF" -E "$LOG"
 }
 
 start() {
@@ -199,9 +154,10 @@ start() {
   write_sudoers
   write_conf
   start_sshd
-  wait_ready
+  wait_ready "$WAIT" sshd_running login_works \
+    || fail_with_logs "$SERVICE_USER cannot log in after ${WAIT} s: $(probe | tail -n 3)"
   echo "hpchub test sshd ready on $ADDR:$PORT in $(elapsed) (pid $(sshd_pid)): $SERVICE_USER, key $CLIENT_KEY," \
-       "known_hosts $KNOWN_HOSTS, sudo to ${TEST_USERS[*]}; $STARTED"
+       "known_hosts $KNOWN_HOSTS, sudo to ${TEST_USERS[*]}; $(started)"
 }
 
 status() {
@@ -214,19 +170,4 @@ status() {
   fi
 }
 
-take_lock() {
-  exec 9>"$LOCK"
-  flock -w 300 9 || die "another sshd.sh holds $LOCK"
-}
-
-require_root() {
-  ((EUID == 0)) || { echo "sshd.sh: $1 must run as root (packages, accounts, /etc, sudoers); try: sudo $0 $1" >&2
-                     exit 1; }
-}
-
-case "${1:-}" in
-  start) require_root start; take_lock; start ;;
-  stop) require_root stop; take_lock; stop_sshd ;;
-  status) status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
-esac
+service_main "$@"

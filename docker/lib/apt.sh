@@ -1,6 +1,7 @@
-# Installing Debian packages, shared by cluster.sh beside it and scripts/install-lib.sh (setup-test-env.sh,
-# demo.sh). Source it; the caller defines `log MESSAGE` and `die MESSAGE`, and its EXIT trap must call
-# remove_policy, so that a policy-rc.d this library wrote does not outlive an interrupted install.
+# Installing Debian packages, shared by the service scripts (through service.sh beside it) and
+# scripts/install-lib.sh (setup-test-env.sh, demo.sh). Source it; the caller defines `log MESSAGE` and
+# `die MESSAGE`, and its EXIT trap must call remove_policy, so that a policy-rc.d this library wrote does
+# not outlive an interrupted install.
 # shellcheck shell=bash
 
 POLICY=/usr/sbin/policy-rc.d
