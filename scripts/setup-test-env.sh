@@ -7,8 +7,9 @@
 #   venv: /opt/hpchub from Debian's /usr/bin/python3, world-readable: Slurm jobs run as ordinary
 #         users, who can read neither the pyenv python under /root nor a checkout under /root. So the
 #         checkout is installed into it as a copy (not editable), with its `test` extra.
-#   then: docker/slurm-cluster/cluster.sh start, docker/sge-cluster/cluster.sh start, docker/ldap/ldap.sh start,
-#         docker/sshd/sshd.sh start, docker/postgres/postgres.sh start
+#   then: docker/slurm-cluster/netns.sh up (a compute node the hub cannot reach),
+#         docker/slurm-cluster/cluster.sh start, docker/sge-cluster/cluster.sh start,
+#         docker/ldap/ldap.sh start, docker/sshd/sshd.sh start, docker/postgres/postgres.sh start
 #
 # Env: HPCHUB_VENV (default /opt/hpchub)
 set -euo pipefail
@@ -27,6 +28,10 @@ EXTRAS="[test]"
 source "$REPO/scripts/install-lib.sh"
 
 ((EUID == 0)) || { echo "setup-test-env.sh must run as root (apt, npm -g, /opt, test users, daemons)" >&2; exit 1; }
+
+start_netns_node() {
+  "$REPO/docker/slurm-cluster/netns.sh" up
+}
 
 start_cluster() {
   "$REPO/docker/slurm-cluster/cluster.sh" start
@@ -64,6 +69,7 @@ step "apt packages" apt_test_packages
 step "configurable-http-proxy" install_proxy
 step "venv $VENV" make_venv
 step "install $REPO" install_project
+step "netns node" start_netns_node
 step "Slurm cluster" start_cluster
 step "SGE cluster" start_sge
 step "LDAP directory" start_ldap

@@ -3,6 +3,9 @@ cleaned up after a test, a submit whose answer is lost."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import shutil
 import subprocess
 import time
@@ -133,3 +136,32 @@ def env_file(directory: Path, env: dict[str, str], owner: str = "alice") -> str:
     path.chmod(0o600)
     shutil.chown(path, owner)
     return str(path)
+
+
+SLURM_CLUSTER_SH = Path(__file__).resolve().parents[1] / "docker" / "slurm-cluster" / "cluster.sh"
+SLURMCTLD_PID = Path("/run/slurm/slurmctld.pid")
+
+
+@contextlib.contextmanager
+def controller_stopped() -> Iterator[None]:
+    """slurmctld stopped, the way cluster.sh stops it, for the block only. Other tests share the cluster:
+    keep the block short; cluster.sh starts slurmctld again whatever happens, and both nodes must be back."""
+    pid = int(SLURMCTLD_PID.read_text())
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "slurmctld", f"stale {SLURMCTLD_PID}"
+    try:
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not alive(pid), 15, "slurmctld to stop")
+        yield
+    finally:
+        # not its exit status: cluster.sh fails when backfill holds a node "planned" for a pending job
+        started = subprocess.run([str(SLURM_CLUSTER_SH), "start"], stdin=subprocess.DEVNULL, capture_output=True,
+                                 text=True, timeout=120)
+        wait_for(_cluster_ready, 30, f"slurmctld and both nodes back; cluster.sh start said: {started.stderr}")
+
+
+def _cluster_ready() -> bool:
+    """slurmctld answers and both nodes respond (planned: reserved by backfill for a pending job)."""
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15).stdout
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=15).stdout
+    states = dict(line.split() for line in nodes.splitlines())
+    return "is UP" in ping and all(states.get(n) in ("idle", "mix", "alloc", "plnd") for n in ("c1", "c2"))

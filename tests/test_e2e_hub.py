@@ -17,8 +17,9 @@ import pytest
 import requests
 
 from conftest import require_service
-from hubtools import HUB_BIN, Browser, Hub, start_hub, wait_for
-from test_scheduler_slurm import controller_stopped
+from helpers import controller_stopped
+from hubtools import (HUB_BIN, Browser, Hub, assert_reachable_through_proxy, singleuser_processes,
+                      spawn_until_ready, start_hub, user_model, wait_for)
 
 PASSWORD = "hpchub-test-password"
 LOGIN = f"""
@@ -43,54 +44,6 @@ def hub_factory(tmp_path: Path, proxy_installed: None):
     yield make
     for hub in hubs:
         hub.stop()
-
-
-def user_model(hub: Hub, user: str) -> dict:
-    response = hub.api("GET", f"/users/{user}")
-    response.raise_for_status()
-    return response.json()
-
-
-def spawn_until_ready(hub: Hub, browser: Browser, user: str, timeout: float = 180) -> dict:
-    """Start the user's default server as the user would; return the server model once ready."""
-    response = browser.api("POST", f"/users/{user}/server")
-    assert response.status_code in (201, 202), response.text
-
-    def ready() -> dict | None:
-        server = user_model(hub, user)["servers"].get("")
-        if server is None:
-            raise AssertionError(f"the spawn failed:\n{hub.log()[-3000:]}")
-        return server if server["ready"] else None
-
-    return wait_for(ready, timeout, f"{user}'s server to be ready", interval=0.25)
-
-
-def assert_reachable_through_proxy(browser: Browser, user: str) -> None:
-    lab = browser.get(f"/user/{user}/lab")  # OAuth with the hub happens in the redirects
-    assert lab.status_code == 200 and "JupyterLab" in lab.text, (lab.status_code, lab.url)
-    status = browser.get(f"/user/{user}/api/status")
-    assert status.status_code == 200, status.text
-    assert "started" in status.json()
-
-
-def singleuser_processes(uid: int) -> list[tuple[int, dict[str, str]]]:
-    """(pid, environment) of every jupyterhub-singleuser process of `uid` on this host."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if entry.stat().st_uid != uid:
-                continue
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            if not any(arg.endswith(b"jupyterhub-singleuser") for arg in cmdline):
-                continue
-            raw = (entry / "environ").read_bytes()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        env = dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
-        found.append((int(entry.name), env))
-    return found
 
 
 def squeue_state(job_id: str) -> str:

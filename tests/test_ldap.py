@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from traitlets import TraitError
 
 from conftest import require_service
 from helpers import alive
-from hubtools import Hub, start_hub
+from hubtools import Browser, Hub, singleuser_processes, spawn_until_ready, start_hub
 from hpchub.ldap import UNAVAILABLE, LDAPAuthenticator, PosixAccount, auth_state_hook, dn_value, posix_account
 
 BASE = "dc=hpchub,dc=test"
@@ -502,8 +503,9 @@ def hub_ldap_config(servers: list[str], **settings) -> str:
 def ldap_hub(tmp_path: Path, directory, proxy_installed):
     hubs: list[Hub] = []
 
-    def start(servers: list[str], **settings) -> Hub:
-        hub = start_hub(tmp_path / f"hub{len(hubs)}", hub_ldap_config(servers, **settings),
+    def start(servers: list[str], spawner_lines: tuple[str, ...] = (), **settings) -> Hub:
+        config = hub_ldap_config(servers, **settings) + "".join(line + "\n" for line in spawner_lines)
+        hub = start_hub(tmp_path / f"hub{len(hubs)}", config,
                         env={"JUPYTERHUB_CRYPT_KEY": secrets.token_hex(32)})
         hubs.append(hub)
         return hub
@@ -581,3 +583,26 @@ def test_hub_keeps_answering_while_a_login_hangs(ldap_hub):
     assert len(latencies) >= 15 and max(latencies) < 0.5, (len(latencies), max(latencies))
     assert re.search(r"LDAP login for 'alice' failed after 3\.\d s: ldap://127\.0\.0\.1:10390: "
                      r"LDAPSocketReceiveError", hub.log())
+
+
+def test_a_directory_user_spawns_a_job_as_the_directorys_account(ldap_hub, test_users):
+    """auth_state carries uidNumber and homeDirectory; the job runs as that account, in that home."""
+    spool = Path(tempfile.mkdtemp(prefix="hpchub-test-ldap-spool-"))
+    spool.chmod(0o755)
+    try:
+        hub = ldap_hub([A], spawner_lines=[
+            'c.JupyterHub.spawner_class = "local"',
+            f"c.LocalBatchSpawner.local_spool_dir = {str(spool / 'spool')!r}",
+        ])
+        browser = Browser(hub.url)
+        browser.login("alice", PASSWORDS["alice"])
+        state = spawn_until_ready(hub, browser, "alice")["state"]
+        account = hub.api("GET", "/users/alice").json()["auth_state"]
+        [(pid, env)] = [(pid, env) for pid, env in singleuser_processes(account["uidNumber"])
+                        if env.get("LOCALQ_JOB_ID") == state["job_id"]]
+        assert Path(f"/proc/{pid}").stat().st_gid == account["gidNumber"]
+        assert os.readlink(f"/proc/{pid}/cwd") == account["homeDirectory"] == env["HOME"]
+        assert state["job_env_file"].startswith(account["homeDirectory"] + "/.hpchub/run/")
+        assert browser.api("DELETE", "/users/alice/server").status_code in (202, 204)
+    finally:
+        subprocess.run(["rm", "-rf", "--", str(spool)], timeout=30)

@@ -3,31 +3,26 @@ adapter against the real test cluster (docker/slurm-cluster/cluster.sh), jobs ru
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
-import os
 import shutil
 import signal
-import subprocess
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import pytest
 
 import helpers
-from helpers import (CountedQuery, CountingRunner, alive, cancel_refused, cancelled_at_end, submit_refused,
-                     submit_with_lost_answer, wait_for)
+from helpers import (CountedQuery, CountingRunner, cancel_refused, cancelled_at_end, controller_stopped, submit_refused,
+                     submit_with_lost_answer)
 from schedulers import (CommandResult, JobRequest, JobState, JobStatus, LocalRunner, Runner, SchedulerUnavailable,
                         SlurmAdapter, SubmitRejected, SudoRunner)
 from schedulers.slurm import expand_nodes
 
 REQUEST = JobRequest(name="hpchub-test", tag="hpchub-test")
-CLUSTER_SH = Path(__file__).resolve().parents[1] / "docker" / "slurm-cluster" / "cluster.sh"
-SLURMCTLD_PID = Path("/run/slurm/slurmctld.pid")
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "slurm"
 # Slurm schedules and reports on a coarser clock than localq: wait longer, poll less often
 wait_until = functools.partial(helpers.wait_until, timeout=60.0, interval=0.2)
@@ -37,31 +32,6 @@ wait_until = functools.partial(helpers.wait_until, timeout=60.0, interval=0.2)
 def jobs(slurm_cluster):
     """Job ids a test submitted; whatever is left is cancelled at the end."""
     yield from cancelled_at_end("scancel")
-
-
-@contextlib.contextmanager
-def controller_stopped() -> Iterator[None]:
-    """slurmctld stopped, the way cluster.sh stops it, for the block only. Other tests share the cluster:
-    keep the block short; cluster.sh starts slurmctld again whatever happens, and both nodes must be back."""
-    pid = int(SLURMCTLD_PID.read_text())
-    assert Path(f"/proc/{pid}/comm").read_text().strip() == "slurmctld", f"stale {SLURMCTLD_PID}"
-    try:
-        os.kill(pid, signal.SIGTERM)
-        wait_for(lambda: not alive(pid), 15, "slurmctld to stop")
-        yield
-    finally:
-        # not its exit status: cluster.sh fails when backfill holds a node "planned" for a pending job
-        started = subprocess.run([str(CLUSTER_SH), "start"], stdin=subprocess.DEVNULL, capture_output=True,
-                                 text=True, timeout=120)
-        wait_for(_cluster_ready, 30, f"slurmctld and both nodes back; cluster.sh start said: {started.stderr}")
-
-
-def _cluster_ready() -> bool:
-    """slurmctld answers and both nodes respond (planned: reserved by backfill for a pending job)."""
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15).stdout
-    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=15).stdout
-    states = dict(line.split() for line in nodes.splitlines())
-    return "is UP" in ping and all(states.get(n) in ("idle", "mix", "alloc", "plnd") for n in ("c1", "c2"))
 
 
 def script(directory: Path, body: str, *directives: str) -> str:

@@ -380,7 +380,7 @@ async def test_another_jobs_key_is_refused(make_setup, caplog):
     s.issue("jobb")
     with pytest.raises(asyncssh.PermissionDenied):
         await s.connect("jobb", a.private_key)
-    assert any(f"is not the credential of job jobb" in m for m in refusals(caplog))
+    assert any("is not the credential of job jobb" in m for m in refusals(caplog))
     async with s.connect("joba", a.private_key) as conn:
         await conn.forward_remote_port(*REVERSE_PLACEHOLDER, "127.0.0.1", 9)
         assert (await s.events.wait(True, "joba")).endpoint.path.endswith("/joba.sock")
@@ -498,7 +498,7 @@ async def test_exec_shell_pty_and_sftp_are_refused(make_setup, caplog):
             await conn.start_sftp_client()
     messages = refusals(caplog)
     for what in ("the command 'cat /etc/shadow'", "a shell", "a terminal (pty)", "the subsystem 'sftp'"):
-        assert any(f"refused job job1 (from 127.0.0.1:" in m and what in m for m in messages), (what, messages)
+        assert any("refused job job1 (from 127.0.0.1:" in m and what in m for m in messages), (what, messages)
 
 
 @pytest.mark.asyncio

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol
+from typing import Callable, Protocol
 
 from . import REVERSE_PLACEHOLDER
 
