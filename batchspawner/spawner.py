@@ -12,6 +12,7 @@ import re
 import sys
 import tempfile
 import uuid
+from datetime import timezone
 from typing import Any, AsyncIterator
 
 from jupyterhub.spawner import SpawnException, Spawner
@@ -496,7 +497,23 @@ class BatchSpawner(Spawner):
                 await self._fail_ended_job(status, request)
             if status.state == JobState.PENDING and status.reason != last_reason:
                 last_reason = status.reason
-                self._event(f"Job {self.job_id} is queued" + (f" ({status.reason})" if status.reason else ""), 20)
+                self._event(await self._queued_message(status), 20)
+
+    async def _queued_message(self, status: JobStatus) -> str:
+        """'Job 42 is queued (Priority): 3rd of 7 pending in debug; the scheduler expects it to start at
+        14:05 UTC.' Position and estimate are asked on demand (when the reason changes), not every poll."""
+        message = f"Job {self.job_id} is queued" + (f" ({status.reason})" if status.reason else "")
+        try:
+            position = await self.adapter.queue_position(self.job_id)
+            estimate = status.estimated_start or (await self.adapter.estimate_start([self.job_id]))[self.job_id]
+        except SchedulerError as err:
+            self.log.warning("No queue position or start estimate for job %s: %s", self.job_id, err)
+            return message + "."
+        if position is not None:
+            message += f": position {position.position} of {position.pending} pending in {position.partition}"
+        if estimate is not None:
+            message += f"; the scheduler expects it to start at {estimate.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC"
+        return message + "."
 
     async def _wait_for_port(self, request: JobRequest) -> int:
         assert self._port is not None

@@ -1,8 +1,8 @@
 """Scheduler adapters (Slurm, Grid Engine, PBS, the embedded localq) and the runners that execute their commands."""
 from __future__ import annotations
 
-from .base import (Adapter, CommandTimeout, InvalidRequest, JobRequest, JobState, JobStatus, SchedulerError,
-                   SchedulerUnavailable, SubmitRejected)
+from .base import (Adapter, CommandTimeout, InvalidRequest, JobRequest, JobState, JobStatus, QueuePosition,
+                   SchedulerError, SchedulerUnavailable, SubmitRejected)
 from .local import LocalAdapter
 from .pbs import PBSAdapter
 from .runner import CommandResult, LocalRunner, Runner, SudoRunner
@@ -11,7 +11,7 @@ from .slurm import SlurmAdapter
 
 __all__ = [
     "Adapter", "CommandResult", "CommandTimeout", "InvalidRequest", "JobRequest", "JobState", "JobStatus",
-    "LocalAdapter", "LocalRunner", "PBSAdapter", "Runner", "SchedulerError", "SchedulerUnavailable", "SGEAdapter",
+    "LocalAdapter", "LocalRunner", "PBSAdapter", "QueuePosition", "Runner", "SchedulerError", "SchedulerUnavailable", "SGEAdapter",
     "SlurmAdapter", "SSHRunner", "SubmitRejected", "SudoRunner", "get_adapter",
 ]
 

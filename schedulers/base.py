@@ -16,7 +16,8 @@ from .errors import CommandTimeout, SchedulerError, SchedulerUnavailable, Submit
 from .runner import CommandResult, Runner
 
 __all__ = [
-    "Adapter", "CommandResult", "CommandTimeout", "InvalidRequest", "JobRequest", "JobState", "JobStatus", "Runner",
+    "Adapter", "CommandResult", "CommandTimeout", "InvalidRequest", "JobRequest", "JobState", "JobStatus",
+    "QueuePosition", "Runner",
     "SchedulerError", "SchedulerUnavailable", "SubmitRejected",
 ]
 
@@ -38,6 +39,15 @@ class JobState(str, enum.Enum):
 
 
 _TERMINAL = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT}
+
+
+@dataclass(frozen=True)
+class QueuePosition:
+    """`position` (1 = next to start) among `pending` jobs waiting in `partition`."""
+
+    position: int
+    pending: int
+    partition: str
 
 
 class InvalidRequest(ValueError):
@@ -173,6 +183,11 @@ class Adapter(abc.ABC):
 
         Costly on some schedulers: ask on demand and cache, not on every poll. This default knows none."""
         return dict.fromkeys(job_ids)
+
+    async def queue_position(self, job_id: str) -> QueuePosition | None:
+        """Where a pending job stands among the pending jobs of its partition, in the scheduler's priority
+        order; None where the scheduler does not say. One call, on demand. This default knows none."""
+        return None
 
     async def find_by_tag(self, tag: str) -> list[str]:
         """Ids of the jobs carrying `tag`; [] when the scheduler cannot be asked."""

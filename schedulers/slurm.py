@@ -19,7 +19,7 @@ import re
 from datetime import datetime
 from typing import ClassVar, Iterable, Mapping, Sequence
 
-from .base import Adapter, JobRequest, JobState, JobStatus, SchedulerError, SchedulerUnavailable
+from .base import Adapter, JobRequest, JobState, JobStatus, QueuePosition, SchedulerError, SchedulerUnavailable
 from .runner import CommandResult, Runner
 
 # ASCII unit separator: cannot occur in ids, states, reasons or node names
@@ -122,6 +122,25 @@ class SlurmAdapter(Adapter):
             result = await self._run(self.start_argv(valid))
             estimates.update((i, t) for i, t in self.parse_start(result, valid).items() if i in estimates)
         return estimates
+
+    async def queue_position(self, job_id: str) -> QueuePosition | None:
+        """From one `squeue --states=PENDING` call sorted as Slurm schedules (priority, then id)."""
+        result = await self._run(self.position_argv())
+        return self.parse_position(result, job_id)
+
+    def position_argv(self) -> list[str]:
+        return ["squeue", "--noheader", "--states=PENDING", "--sort=-p,i", "--Format", f"JobID:{_SEP},Partition:{_SEP}"]
+
+    def parse_position(self, result: CommandResult, job_id: str) -> QueuePosition | None:
+        if result.returncode != 0:
+            raise SchedulerUnavailable(f"slurm: squeue failed: {result.stderr.strip()}", result=result)
+        pending = [fields[:2] for fields in (line.split(_SEP) for line in result.stdout.splitlines())
+                   if len(fields) == 3]
+        partition = next((p for i, p in pending if i == job_id), None)
+        if partition is None:
+            return None
+        queue = [i for i, p in pending if p == partition]
+        return QueuePosition(queue.index(job_id) + 1, len(queue), partition)
 
     def start_argv(self, job_ids: Sequence[str]) -> list[str]:
         return ["squeue", "--start", "--noheader", f"--jobs={','.join(job_ids)}", "--format", f"%i{_SEP}%S{_SEP}"]

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,13 @@ def test_job_id_is_saved_and_shown_while_the_job_waits(hub_factory, slurm_cluste
                 if any("queued" in m for m in messages):
                     break
     assert f"Submitted batch job {job_id}" in messages
-    assert f"Job {job_id} is queued (BeginTime)" in messages
+    [queued] = [m for m in messages if "queued" in m]
+    # the --begin time is the scheduler's own estimate
+    begin = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%S"], capture_output=True, text=True,
+                           timeout=10).stdout.strip()
+    expected = datetime.fromisoformat(begin).astimezone(timezone.utc)
+    assert re.fullmatch(rf"Job {job_id} is queued \(BeginTime\): position 1 of \d+ pending in debug; the "
+                        rf"scheduler expects it to start at {expected:%Y-%m-%d %H:%M} UTC\.", queued), queued
 
     assert browser.api("DELETE", "/users/bob/server").status_code in (202, 204)
     wait_for(lambda: squeue_state(job_id) not in ACTIVE_SLURM_STATES, 10, f"job {job_id} to leave the queue", 0.1)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -10,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from batchspawner.poller import JobPoller, shared_poller
-from helpers import CountingRunner
-from schedulers import JobRequest, JobState, LocalAdapter, LocalRunner
+from helpers import CountingRunner, cancelled_at_end
+from schedulers import JobRequest, JobState, LocalAdapter, LocalRunner, SlurmAdapter
 
 N_JOBS = 20
 
@@ -24,7 +26,7 @@ def spool():
 
 
 @pytest.fixture
-def counting(spool: Path) -> tuple[LocalAdapter, CountingRunner]:
+def local_counting(spool: Path) -> tuple[LocalAdapter, CountingRunner]:
     runner = CountingRunner(LocalRunner())
     return LocalAdapter(runner, spool_dir=spool, python=sys.executable, kill_grace_s=1), runner
 
@@ -39,8 +41,8 @@ def queries(runner: CountingRunner) -> int:
 
 
 @pytest.mark.asyncio
-async def test_many_jobs_one_query_per_tick(counting, spool):
-    adapter, runner = counting
+async def test_many_jobs_one_query_per_tick(local_counting, spool):
+    adapter, runner = local_counting
     ids = await submit(adapter, spool, "sleep 60", N_JOBS)
     poller = JobPoller(adapter, interval=0.5, fast_first=0.05, fast_max=0.2, jitter=0.1)
     try:
@@ -65,8 +67,8 @@ async def test_many_jobs_one_query_per_tick(counting, spool):
 
 
 @pytest.mark.asyncio
-async def test_pending_jobs_back_off_and_running_jobs_wait_the_interval(counting, spool):
-    adapter, runner = counting
+async def test_pending_jobs_back_off_and_running_jobs_wait_the_interval(local_counting, spool):
+    adapter, runner = local_counting
     [job] = await submit(adapter, spool, "sleep 60", 1)
     poller = JobPoller(adapter, interval=3.0, fast_first=0.1, fast_max=0.4, jitter=0.0)
     try:
@@ -89,8 +91,8 @@ async def test_pending_jobs_back_off_and_running_jobs_wait_the_interval(counting
 
 
 @pytest.mark.asyncio
-async def test_untracked_jobs_leave_the_query_and_the_loop_stops(counting, spool):
-    adapter, runner = counting
+async def test_untracked_jobs_leave_the_query_and_the_loop_stops(local_counting, spool):
+    adapter, runner = local_counting
     ids = await submit(adapter, spool, "sleep 60", 3)
     poller = JobPoller(adapter, interval=0.3, fast_first=0.05, fast_max=0.1)
     try:
@@ -123,3 +125,41 @@ def test_one_shared_poller_per_key(spool):
     first = shared_poller(("local", "test-key"), lambda: JobPoller(adapter))
     assert shared_poller(("local", "test-key"), lambda: JobPoller(adapter)) is first
     assert shared_poller(("local", "other-key"), lambda: JobPoller(adapter)) is not first
+
+
+def job_info_rpcs() -> int:
+    """slurmctld's own count of job-information requests (sdiag), whoever sent them."""
+    out = subprocess.run(["sdiag"], capture_output=True, text=True, timeout=10, check=True).stdout
+    return sum(int(count) for count in re.findall(r"^\s*REQUEST_JOB_INFO\b[^\n]*?count:(\d+)", out, re.M))
+
+
+@pytest.fixture
+def slurm_jobs(slurm_cluster):
+    yield from cancelled_at_end("scancel")
+
+
+@pytest.mark.asyncio
+async def test_fifty_slurm_jobs_one_query_per_interval_and_sdiag_agrees(counting, slurm_jobs, shared_dir):
+    adapter = SlurmAdapter(counting)
+    script = (f"#!/bin/bash\n#SBATCH --job-name=hpchub-test\n#SBATCH --hold\n#SBATCH --time=5\n"
+              f"#SBATCH --output={shared_dir}/slurm-%j.out\ntrue\n")
+    for i in range(50):
+        slurm_jobs.append(await adapter.submit(script, JobRequest(name="hpchub-test", tag=f"poller-{i}"), user="alice"))
+    interval = 2.0
+    poller = JobPoller(adapter, interval=interval, fast_first=interval, fast_max=interval, jitter=0.0)
+    loop = asyncio.get_running_loop()
+    rpcs, queries = job_info_rpcs(), counting.count("squeue")
+    started = loop.time()
+    try:
+        statuses = await asyncio.gather(*(poller.refresh(job) for job in slurm_jobs))  # 50 servers polled at once
+        assert {s.reason for s in statuses} == {"JobHeldUser"}
+        for _ in range(3):
+            await poller.next_update(slurm_jobs[0])
+        elapsed = loop.time() - started
+    finally:
+        for job in slurm_jobs:
+            poller.untrack(job)
+    made = counting.count("squeue") - queries
+    assert made == poller.queries == 4
+    assert 3 * interval - 0.5 <= elapsed <= 3 * interval + 2.0, elapsed  # one query per interval
+    assert job_info_rpcs() - rpcs == made, "slurmctld saw another number of job queries than the poller made"

@@ -498,3 +498,16 @@ async def test_controller_down_for_real_is_unknown_within_the_timeout(counting, 
     assert (counting.count("sacct"), counting.count("scancel")) == (0, 0)
     after = (await adapter.query([running]))[running]
     assert (after.state, after.nodes) == (JobState.RUNNING, before.nodes)
+
+
+@pytest.mark.asyncio
+async def test_queue_position_follows_slurms_priority_order(counting, jobs, shared_dir):
+    adapter = SlurmAdapter(counting)
+    for _ in range(3):
+        jobs.append(await adapter.submit(script(shared_dir, "true", "--hold", "--partition=long"), REQUEST,
+                                         user="alice"))
+    before = counting.count("squeue")
+    positions = [await adapter.queue_position(job) for job in jobs]
+    assert [(p.position, p.pending, p.partition) for p in positions] == [(1, 3, "long"), (2, 3, "long"), (3, 3, "long")]
+    assert counting.count("squeue") - before == 3  # one call each, on demand
+    assert await adapter.queue_position("999999999") is None
