@@ -481,7 +481,7 @@ class BatchSpawner(Spawner):
     async def _wait_until_running(self, request: JobRequest) -> JobStatus:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.queue_timeout
-        last_reason = None
+        last_reason = unavailable = None
         while True:
             try:
                 status = await asyncio.wait_for(self.poller.next_update(self.job_id), deadline - loop.time())
@@ -495,6 +495,10 @@ class BatchSpawner(Spawner):
                 return status
             if status.state.is_terminal:
                 await self._fail_ended_job(status, request)
+            if status.state == JobState.UNKNOWN and status.reason != unavailable:
+                unavailable = status.reason
+                self._event(f"The scheduler is not answering ({status.reason}); job {self.job_id} is kept, "
+                            "still waiting", 20)
             if status.state == JobState.PENDING and status.reason != last_reason:
                 last_reason = status.reason
                 self._event(await self._queued_message(status), 20)

@@ -35,6 +35,21 @@ def _slurm_up() -> bool:
     return "is UP" in out
 
 
+def _sge_up() -> bool:
+    if not shutil.which("qstat"):
+        return False
+    try:
+        return subprocess.run(["qstat"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def sge_cluster() -> None:
+    """The test Grid Engine of docker/sge-cluster/cluster.sh, up and answering."""
+    require_service("SGE", _sge_up(), "run `docker/sge-cluster/cluster.sh start` as root")
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
     """The test Slurm cluster of docker/slurm-cluster/cluster.sh, up and answering."""

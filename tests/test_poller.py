@@ -13,7 +13,7 @@ import pytest
 
 from batchspawner.poller import JobPoller, shared_poller
 from helpers import CountingRunner, cancelled_at_end
-from schedulers import JobRequest, JobState, LocalAdapter, LocalRunner, SlurmAdapter
+from schedulers import JobRequest, JobState, LocalAdapter, LocalRunner, SGEAdapter, SlurmAdapter
 
 N_JOBS = 20
 
@@ -163,3 +163,27 @@ async def test_fifty_slurm_jobs_one_query_per_interval_and_sdiag_agrees(counting
     assert made == poller.queries == 4
     assert 3 * interval - 0.5 <= elapsed <= 3 * interval + 2.0, elapsed  # one query per interval
     assert job_info_rpcs() - rpcs == made, "slurmctld saw another number of job queries than the poller made"
+
+
+@pytest.fixture
+def sge_jobs(sge_cluster):
+    yield from cancelled_at_end("qdel", timeout=60)
+
+
+@pytest.mark.asyncio
+async def test_grid_engine_jobs_one_qstat_per_tick(counting, sge_jobs, shared_dir):
+    adapter = SGEAdapter(counting)
+    script = f"#!/bin/bash\n#$ -N hpchub-test\n#$ -S /bin/bash\n#$ -h\n#$ -o {shared_dir}/sge-$JOB_ID.out\n#$ -j y\ntrue\n"
+    for i in range(20):
+        sge_jobs.append(await adapter.submit(script, JobRequest(name="hpchub-test", tag=f"poller-{i}"), user="alice"))
+    poller = JobPoller(adapter, interval=1.0, fast_first=1.0, fast_max=1.0, jitter=0.0)
+    queries = counting.count("qstat")
+    try:
+        statuses = await asyncio.gather(*(poller.refresh(job) for job in sge_jobs))
+        assert {s.state for s in statuses} == {JobState.PENDING}
+        for _ in range(2):
+            await poller.next_update(sge_jobs[0])
+    finally:
+        for job in sge_jobs:
+            poller.untrack(job)
+    assert counting.count("qstat") - queries == poller.queries == 3

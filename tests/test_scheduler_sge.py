@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -215,21 +214,6 @@ def test_template_directives():
 
 
 # --- the real cluster ---------------------------------------------------------------------------------
-def _sge_up() -> bool:
-    if not shutil.which("qstat"):
-        return False
-    try:
-        return subprocess.run(["qstat"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-@pytest.fixture(scope="session")
-def sge_cluster() -> None:
-    """The test Grid Engine of docker/sge-cluster/cluster.sh, up and answering."""
-    require_service("SGE", _sge_up(), "run `docker/sge-cluster/cluster.sh start` as root")
-
-
 @pytest.fixture
 def jobs(sge_cluster):
     """Job ids a test submitted; whatever is left is deleted at the end (root is an SGE manager)."""
