@@ -217,6 +217,9 @@ class BatchSpawner(Spawner):
         super().__init__(**kwargs)
         self._port: asyncio.Future[int] | None = None
         self._resume: tuple[str, str, str] | None = None
+        self._adapter: Adapter | None = None
+        #: set by auth_state_hook from the authenticator's auth_state (hpchub.ldap.PosixAccount)
+        self.auth_state_account = None
         self._events: list[dict] = []
         self._events_changed = asyncio.Event()
 
@@ -260,14 +263,15 @@ class BatchSpawner(Spawner):
 
     @property
     def adapter(self) -> Adapter:
-        if getattr(self, "_adapter", None) is None:
+        if self._adapter is None:
             adapter_class = get_adapter(self.scheduler)
             self._adapter = adapter_class(self.make_runner(), command_timeout=self.command_timeout,
                                           **self.adapter_kwargs())
         return self._adapter
 
     @default("auth_state_hook")
-    def _default_auth_state_hook(self):
+    def _default_auth_state_hook(self) -> Any:
+        # with LDAP and enable_auth_state, jobs run as the directory's account, in its home
         return auth_state_hook
 
     @property
@@ -276,15 +280,13 @@ class BatchSpawner(Spawner):
         the runner runs everything as the hub's user."""
         if not self.adapter.runner.switches_user:
             return None
-        account = getattr(self, "auth_state_account", None)
-        return account.name if account else self.user.name
+        return self.auth_state_account.name if self.auth_state_account else self.user.name
 
     async def user_home(self) -> str:
         """Home directory of the account the job runs as: the directory's, else NSS (which may itself be
         LDAP: looked up off the event loop)."""
-        account = getattr(self, "auth_state_account", None)
-        if account is not None and self.run_as is not None:
-            return account.home
+        if self.auth_state_account is not None and self.run_as is not None:
+            return self.auth_state_account.home
         name = self.run_as
         entry = await asyncio.to_thread(pwd.getpwnam, name) if name else pwd.getpwuid(os.getuid())
         return entry.pw_dir
