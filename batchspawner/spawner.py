@@ -375,7 +375,7 @@ class BatchSpawner(Spawner):
     async def _submit_now(self, home: str, request: JobRequest) -> None:
         self.job_env_file = os.path.join(self._format(self.job_run_dir, home), f"{self.job_tag}.env")
         script = self.render_script(request)
-        await self._write_job_files(os.path.dirname(request.output or ""), render_env_file(self.get_env()))
+        await self._write_job_files(os.path.dirname(request.output or ""))
         await self.ledger.record_submission(tag=self.job_tag, user=self.user.name, server_name=self.name or "",
                                             cluster=self.scheduler, request=request, script=script,
                                             log_path=request.output or "")
@@ -411,9 +411,7 @@ class BatchSpawner(Spawner):
         self.job_id, self.job_tag, self.job_env_file = resume
         status = await self.poller.refresh(self.job_id, max_age=0)
         if status.state in (JobState.PENDING, JobState.UNKNOWN):
-            await self._as_user(["dd", f"of={self.job_env_file}", "status=none"],
-                                f"rewrite the job environment file {self.job_env_file}",
-                                stdin=render_env_file(self.get_env()))
+            await self._write_env_file()
             self.log.info("Adopted queued job %s for %s after a hub restart", self.job_id, self._log_name)
             self._event(f"Job {self.job_id} is still queued (taken back after a hub restart)", 15)
             return True
@@ -445,13 +443,18 @@ class BatchSpawner(Spawner):
         if result.returncode != 0:
             raise SpawnException(f"Cannot {what}: {result.stderr.strip()}", reason="job-files")
 
-    async def _write_job_files(self, log_dir: str, env_text: str) -> None:
+    async def _write_job_files(self, log_dir: str) -> None:
         run_dir = os.path.dirname(self.job_env_file)
         if log_dir:
             await self._as_user(["mkdir", "-p", "--", log_dir], f"create the job log directory {log_dir}")
         await self._as_user(["install", "-d", "-m", "700", "--", run_dir], f"create the private directory {run_dir}")
+        await self._write_env_file()
+
+    async def _write_env_file(self) -> None:
+        """The server's environment (this spawn's tokens) into the job's file, which the job reads at start."""
         await self._as_user(["dd", f"of={self.job_env_file}", "status=none"],
-                            f"write the job environment file {self.job_env_file}", stdin=env_text)
+                            f"write the job environment file {self.job_env_file}",
+                            stdin=render_env_file(self.get_env()))
 
     async def _remove_env_file(self) -> None:
         if not self.job_env_file:

@@ -71,18 +71,25 @@ async def _stopped(app, user, name: str) -> None:
 
 
 async def _cancel_orphans(app, owned: set[str]) -> None:
-    ledgers = {}
+    ledger = _hub_ledger(app)
+    if ledger is None:
+        return
+    for record in await ledger.active():
+        if record.tag in owned or not record.job_id:
+            continue
+        user = app.users.get(record.user)
+        owner = user.spawners[record.server_name] if user and record.server_name in user.orm_spawners else None
+        if not isinstance(owner, BatchSpawner):
+            log.warning("Orphan job %s of %s: no server of that user to cancel it as", record.job_id, record.user)
+            continue
+        await owner.cancel_orphan(record.job_id, record.tag)
+
+
+def _hub_ledger(app):
+    """The ledger is hub-wide configuration: the first batch spawner names it (spawners are made one by one,
+    only until one is found, not for every user)."""
     for orm_spawner in app.db.query(orm.Spawner):
         spawner = app.users[orm_spawner.user].spawners[orm_spawner.name]
         if isinstance(spawner, BatchSpawner):
-            ledgers.setdefault(spawner.ledger_url, spawner)
-    for spawner in ledgers.values():
-        for record in await spawner.ledger.active():
-            if record.tag in owned or not record.job_id:
-                continue
-            user = app.users.get(record.user)
-            owner = user.spawners[record.server_name] if user and record.server_name in user.orm_spawners else None
-            if not isinstance(owner, BatchSpawner):
-                log.warning("Orphan job %s of %s: no server of that user to cancel it as", record.job_id, record.user)
-                continue
-            await owner.cancel_orphan(record.job_id, record.tag)
+            return spawner.ledger
+    return None
