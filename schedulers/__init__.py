@@ -1,8 +1,8 @@
 """Scheduler adapters (Slurm, Grid Engine, PBS, the embedded localq) and the runners that execute their commands."""
 from __future__ import annotations
 
-from .base import (Adapter, CommandTimeout, InvalidRequest, JobRequest, JobState, JobStatus, QueuePosition,
-                   SchedulerError, SchedulerUnavailable, SubmitRejected)
+from .base import (Adapter, Associations, CommandTimeout, InvalidRequest, JobRequest, JobState, JobStatus,
+                   PartitionInfo, QueuePosition, SchedulerError, SchedulerUnavailable, SubmitRejected)
 from .local import LocalAdapter
 from .pbs import PBSAdapter
 from .runner import CommandResult, LocalRunner, Runner, SudoRunner
@@ -10,8 +10,8 @@ from .sge import SGEAdapter
 from .slurm import SlurmAdapter
 
 __all__ = [
-    "Adapter", "CommandResult", "CommandTimeout", "InvalidRequest", "JobRequest", "JobState", "JobStatus",
-    "LocalAdapter", "LocalRunner", "PBSAdapter", "QueuePosition", "Runner", "SchedulerError", "SchedulerUnavailable", "SGEAdapter",
+    "Adapter", "Associations", "CommandResult", "CommandTimeout", "InvalidRequest", "JobRequest", "JobState", "JobStatus",
+    "LocalAdapter", "LocalRunner", "PBSAdapter", "PartitionInfo", "QueuePosition", "Runner", "SchedulerError", "SchedulerUnavailable", "SGEAdapter",
     "SlurmAdapter", "SSHRunner", "SubmitRejected", "SudoRunner", "get_adapter",
 ]
 

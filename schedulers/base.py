@@ -8,7 +8,7 @@ from __future__ import annotations
 import abc
 import enum
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import ClassVar, Iterable, Mapping, Sequence
 
@@ -17,7 +17,7 @@ from .runner import CommandResult, Runner
 
 __all__ = [
     "Adapter", "CommandResult", "CommandTimeout", "InvalidRequest", "JobRequest", "JobState", "JobStatus",
-    "QueuePosition", "Runner",
+    "Associations", "PartitionInfo", "QueuePosition", "Runner",
     "SchedulerError", "SchedulerUnavailable", "SubmitRejected",
 ]
 
@@ -64,7 +64,7 @@ _WORD = (re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*"), "letters, digits and _.+- ,
 _CONSTRAINT = (re.compile(r"[A-Za-z0-9_.:,&|()\[\]*+-]+"), "node features with the operators & | , : * () []")
 _PATH = (re.compile(r"/[A-Za-z0-9_.%@+~=/-]*"), "an absolute path of letters, digits and _.%@+~=/-")
 _VALIDATED = {
-    "name": _WORD, "tag": _WORD, "partition": _WORD, "account": _WORD, "qos": _WORD, "reservation": _WORD,
+    "name": _WORD, "tag": _WORD, "partition": _WORD, "gpu_type": _WORD, "parallel_environment": _WORD, "account": _WORD, "qos": _WORD, "reservation": _WORD,
     "constraint": _CONSTRAINT, "workdir": _PATH, "output": _PATH, "error": _PATH,
 }
 _AT_LEAST = {"cores": 1, "nodes": 1, "gpus": 0, "memory_mb": 1, "walltime_s": 1}
@@ -83,8 +83,12 @@ class JobRequest:
     nodes: int = 1
     memory_mb: int | None = None
     gpus: int = 0
+    #: a GPU model the scheduler knows (Slurm gres type); None = any
+    gpu_type: str | None = None
     walltime_s: int | None = None
     partition: str | None = None
+    #: Grid Engine parallel environment for multi-core jobs; None = the template's choice
+    parallel_environment: str | None = None
     account: str | None = None
     qos: str | None = None
     reservation: str | None = None
@@ -96,19 +100,19 @@ class JobRequest:
     extra_directives: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if field.name in _VALIDATED and value is not None:
-                pattern, allowed = _VALIDATED[field.name]
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name in _VALIDATED and value is not None:
+                pattern, allowed = _VALIDATED[item.name]
                 if not isinstance(value, str) or not pattern.fullmatch(value):
-                    raise InvalidRequest(field.name, value, allowed)
-            elif field.name in _AT_LEAST and value is not None:
-                if not isinstance(value, int) or isinstance(value, bool) or value < _AT_LEAST[field.name]:
-                    raise InvalidRequest(field.name, value, f"a whole number >= {_AT_LEAST[field.name]}")
-            elif field.name in ("env_setup", "extra_directives"):
+                    raise InvalidRequest(item.name, value, allowed)
+            elif item.name in _AT_LEAST and value is not None:
+                if not isinstance(value, int) or isinstance(value, bool) or value < _AT_LEAST[item.name]:
+                    raise InvalidRequest(item.name, value, f"a whole number >= {_AT_LEAST[item.name]}")
+            elif item.name in ("env_setup", "extra_directives"):
                 for line in value:
                     if not isinstance(line, str) or any(c in line for c in "\r\n\0"):
-                        raise InvalidRequest(field.name, line, "one line of text per entry")
+                        raise InvalidRequest(item.name, line, "one line of text per entry")
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,43 @@ class JobStatus:
     exit_code: int | None = None
     #: the scheduler's own estimate of when a pending job starts, where it gives one
     estimated_start: datetime | None = None
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    """A partition (Slurm) or queue (Grid Engine, PBS) and its limits, as the scheduler reports them now.
+
+    None means the scheduler sets no limit. Per-node figures are those of the largest node in it."""
+
+    name: str
+    default: bool = False
+    #: "up", "down", "drain", "inactive": whether jobs submitted now can start
+    state: str = "up"
+    max_walltime_s: int | None = None
+    default_walltime_s: int | None = None
+    max_nodes: int | None = None
+    max_cores_per_node: int | None = None
+    max_memory_mb_per_node: int | None = None
+    #: GPU type ("" for untyped) -> most GPUs of that type on one node
+    gpus: Mapping[str, int] = field(default_factory=dict)
+    nodes_total: int = 0
+    nodes_idle: int = 0
+    #: Grid Engine parallel environments the queue accepts
+    parallel_environments: tuple[str, ...] = ()
+    #: accounts / groups the scheduler restricts the partition to; () = everyone
+    allowed_accounts: tuple[str, ...] = ()
+    allowed_groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Associations:
+    """What the scheduler's accounting lets one user charge: accounts and QOS (Slurm `sacctmgr`)."""
+
+    user: str
+    accounts: tuple[str, ...] = ()
+    default_account: str | None = None
+    qos: tuple[str, ...] = ()
+    default_qos: str | None = None
 
 
 class Adapter(abc.ABC):
@@ -187,6 +228,15 @@ class Adapter(abc.ABC):
     async def queue_position(self, job_id: str) -> QueuePosition | None:
         """Where a pending job stands among the pending jobs of its partition, in the scheduler's priority
         order; None where the scheduler does not say. One call, on demand. This default knows none."""
+        return None
+
+    async def partitions(self) -> list[PartitionInfo]:
+        """Every partition/queue with its limits and idle nodes, in one or two scheduler calls.
+        Uncached: callers cache (`schedulers.limits`)."""
+        raise NotImplementedError(f"{self.name} does not report its partitions")
+
+    async def associations(self, user: str) -> Associations | None:
+        """The accounts and QOS `user` may use; None where the scheduler keeps no accounting."""
         return None
 
     async def find_by_tag(self, tag: str) -> list[str]:
