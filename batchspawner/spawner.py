@@ -1,7 +1,9 @@
 """BatchSpawner: a JupyterHub Spawner that runs the single-user server as a batch job.
 
 It knows no scheduler syntax. It builds a scheduler-neutral `JobRequest`, renders the adapter's job
-template, submits through the adapter and follows the job until the server in it reports its port.
+template, submits through the adapter and follows the job until its server is reachable: in `direct` mode
+when the server reports its port on the node, in `reverse` mode when the job's tunnel to the hub's gateway
+is up (batchspawner.tunnelling).
 """
 from __future__ import annotations
 
@@ -9,14 +11,16 @@ import asyncio
 import os
 import pwd
 import re
+import socket
 import sys
 import tempfile
 import uuid
 from datetime import timezone
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, TypeVar
+from urllib.parse import urlsplit
 
 from jupyterhub.spawner import SpawnException, Spawner
-from traitlets import Float, Integer, List, Unicode, default, validate
+from traitlets import Dict, Enum, Float, Integer, List, Unicode, default, validate
 
 from hpchub.ldap import auth_state_hook
 from hpchub.ledger import Ledger, shared_ledger
@@ -34,11 +38,17 @@ from schedulers import (
     SudoRunner,
     get_adapter,
 )
+from tunnel.gateway import TunnelEvent
 
 from .poller import JobPoller, shared_poller
 from .request import parse_memory_mb, parse_walltime_s
+from .tunnelling import GatewaySettings, HubGateway, shared_gateway
 
 RUNNERS = {"local": LocalRunner, "sudo": SudoRunner}
+# the job's environment file carries the tunnel credential to the tunnel client in these variables
+TUNNEL_KEY_VAR = "HPCHUB_TUNNEL_KEY"
+TUNNEL_KNOWN_HOSTS_VAR = "HPCHUB_TUNNEL_KNOWN_HOSTS"
+T = TypeVar("T")
 
 
 class BatchSpawner(Spawner):
@@ -133,8 +143,7 @@ class BatchSpawner(Spawner):
 
     @default("batchspawner_singleuser_cmd")
     def _default_singleuser_cmd(self) -> list[str]:
-        beside_python = os.path.join(os.path.dirname(sys.executable), "batchspawner-singleuser")
-        return [beside_python if os.path.exists(beside_python) else "batchspawner-singleuser"]
+        return [_beside_python("batchspawner-singleuser")]
 
     ledger_url = Unicode(
         "sqlite:///hpchub_ledger.sqlite",
@@ -193,6 +202,60 @@ class BatchSpawner(Spawner):
         "waiting in the queue holds no slot here.",
     ).tag(config=True)
 
+    tunnel = Enum(
+        ["direct", "reverse"],
+        "direct",
+        help="""How the hub reaches the server in a job. 'direct': the server listens on the compute node's
+        address and reports its port; only for nodes the hub can route to, whose ports no other user can
+        take. 'reverse': the job opens one outbound SSH connection to the hub's tunnel gateway, its server
+        listens on a private Unix socket on the node, and nothing listens on a network address (see
+        docs/tunnel.md).""",
+    ).tag(config=True)
+
+    tunnel_gateway_ip = Unicode(
+        "0.0.0.0",
+        help="Address the tunnel gateway listens on (reverse mode): one the compute nodes can reach.",
+    ).tag(config=True)
+
+    tunnel_gateway_port = Integer(8022, min=1, max=65535, help="Port of the tunnel gateway.").tag(config=True)
+
+    tunnel_gateway_address = Unicode(
+        "",
+        help="Host name or address the jobs dial to reach the gateway, as written in their known_hosts "
+        "line; empty: tunnel_gateway_ip when it is a single address, else this host's fully qualified name.",
+    ).tag(config=True)
+
+    tunnel_host_key_file = Unicode(
+        "hpchub_tunnel_host_key",
+        help="The gateway's SSH host key (Ed25519, mode 0600), generated on first use and kept: jobs check "
+        "it. Relative paths are taken from the hub's working directory.",
+    ).tag(config=True)
+
+    tunnel_ssh_client = Enum(
+        ["auto", "asyncssh", "openssh"],
+        "auto",
+        help="SSH client of the job's tunnel: asyncssh when the job's Python has it (auto), or OpenSSH's ssh.",
+    ).tag(config=True)
+
+    tunnel_keepalive_interval = Float(
+        15.0, min=1.0,
+        help="Seconds between keepalives on a tunnel (both ends); three unanswered ones drop it and its route.",
+    ).tag(config=True)
+
+    tunnel_reconnect_timeout = Float(
+        300.0, min=5.0,
+        help="A job whose tunnel stays down this long ends itself, freeing its node.",
+    ).tag(config=True)
+
+    tunnel_client_cmd = List(
+        Unicode(),
+        help="The job-side tunnel client. Default: hpchub-tunnel next to the hub's Python.",
+    ).tag(config=True)
+
+    @default("tunnel_client_cmd")
+    def _default_tunnel_client_cmd(self) -> list[str]:
+        return [_beside_python("hpchub-tunnel")]
+
     @default("start_timeout")
     def _default_start_timeout(self) -> int:
         # JupyterHub's own limit wraps the whole start(); the two limits above are the ones that decide.
@@ -212,10 +275,14 @@ class BatchSpawner(Spawner):
     job_host = Unicode("")
     job_port = Integer(0)
     job_env_file = Unicode("")
+    #: the tunnel credential's public part (tunnel.credentials.CredentialStore.state), to restore it after
+    #: a hub restart
+    job_tunnel = Dict(None, allow_none=True)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._port: asyncio.Future[int] | None = None
+        self._hub_gateway: HubGateway | None = None
         self._resume: tuple[str, str, str] | None = None
         self._adapter: Adapter | None = None
         #: set by auth_state_hook from the authenticator's auth_state (hpchub.ldap.PosixAccount)
@@ -229,6 +296,8 @@ class BatchSpawner(Spawner):
         if self.job_id:
             state.update(job_id=self.job_id, job_tag=self.job_tag, job_host=self.job_host, job_port=self.job_port,
                          job_env_file=self.job_env_file)
+            if self.job_tunnel:
+                state["job_tunnel"] = self.job_tunnel
         return state
 
     def load_state(self, state: dict) -> None:
@@ -238,6 +307,7 @@ class BatchSpawner(Spawner):
         self.job_host = state.get("job_host", "")
         self.job_port = state.get("job_port", 0)
         self.job_env_file = state.get("job_env_file", "")
+        self.job_tunnel = state.get("job_tunnel")
 
     def clear_state(self) -> None:
         super().clear_state()
@@ -328,11 +398,61 @@ class BatchSpawner(Spawner):
                 request,
                 user=self.user.name,
                 env_file=self.job_env_file,
-                command=[*self.batchspawner_singleuser_cmd, *self.cmd, *self.get_args()],
+                command=self.job_command(),
                 template_dirs=self.job_template_dirs,
             )
         except TemplateValueError as err:
             raise SpawnException(f"Cannot build the job script: {err}", reason="invalid-request") from err
+
+    def job_command(self) -> list[str]:
+        """What the job runs: the server behind its wrapper, behind the tunnel client in reverse mode."""
+        server = [*self.batchspawner_singleuser_cmd, *self.cmd, *self.get_args()]
+        if self.tunnel == "direct":
+            return server
+        settings = self.gateway_settings()
+        return [
+            *self.tunnel_client_cmd,
+            "--gateway", _host_port(self.gateway_address(), settings.port),
+            "--user", self.job_tag,
+            "--key-env", TUNNEL_KEY_VAR,
+            "--known-hosts-env", TUNNEL_KNOWN_HOSTS_VAR,
+            "--local", "auto",
+            "--hub-api-local", "127.0.0.1:0",
+            "--hub-api-remote", _host_port(*settings.hub_api),
+            "--keepalive", f"{self.tunnel_keepalive_interval:g}",
+            "--connect-timeout", str(self.server_start_timeout),
+            "--reconnect-timeout", f"{self.tunnel_reconnect_timeout:g}",
+            "--ssh", self.tunnel_ssh_client,
+            "--", *server,
+        ]
+
+    def gateway_settings(self) -> GatewaySettings:
+        api = urlsplit(self.hub.api_url)
+        return GatewaySettings(
+            ip=self.tunnel_gateway_ip, port=self.tunnel_gateway_port,
+            host_key_file=os.path.abspath(self.tunnel_host_key_file),
+            hub_api=(api.hostname or "127.0.0.1", api.port or (443 if api.scheme == "https" else 80)),
+            keepalive_interval=self.tunnel_keepalive_interval,
+        )
+
+    def gateway_address(self) -> str:
+        """The gateway's address as jobs dial it."""
+        if self.tunnel_gateway_address:
+            return self.tunnel_gateway_address
+        if self.tunnel_gateway_ip not in ("", "0.0.0.0", "::"):
+            return self.tunnel_gateway_ip
+        return socket.getfqdn()
+
+    async def hub_gateway(self) -> HubGateway:
+        """The hub's tunnel gateway (reverse mode), started on first use."""
+        if self._hub_gateway is None:
+            try:
+                self._hub_gateway = await shared_gateway(self.gateway_settings(), self.log)
+            except (OSError, ValueError) as err:
+                raise SpawnException(f"The hub's tunnel gateway cannot start on {self.tunnel_gateway_ip}:"
+                                     f"{self.tunnel_gateway_port}: {err}", reason="tunnel-gateway",
+                                     status_code=500) from err
+        return self._hub_gateway
 
     def node_host(self, status: JobStatus) -> str:
         """Where the hub connects to the server: the job's (first) node."""
@@ -342,10 +462,12 @@ class BatchSpawner(Spawner):
         return status.nodes[0]
 
     # -- lifecycle ----------------------------------------------------------------------------
-    async def start(self) -> tuple[str, int]:
+    async def start(self) -> tuple[str, int] | str:
         self._refuse_root()
         self._port = asyncio.get_running_loop().create_future()
         self._events = []
+        if self.tunnel == "reverse":
+            await self.hub_gateway()
         home = await self.user_home()
         if await self._adopt_queued_job():
             request = self.build_request(home)
@@ -358,15 +480,29 @@ class BatchSpawner(Spawner):
             status = await self._wait_until_running(request)
             self.job_host = self.node_host(status)
             self._event(f"Job {self.job_id} is running on {self.job_host}; starting JupyterLab", 50)
-            self.job_port = await self._wait_for_port(request)
+            if self.tunnel == "reverse":
+                return await self._start_tunnelled(request)
+            self.job_port = await self._wait_for_server(self._port, request, "report its port")
         except BaseException:
             await self._cancel_quietly()
             self.poller.untrack(self.job_id)
+            self._forget_tunnel()
             await self._remove_env_file()
             raise
         self._persist_state()
         self._event(f"Server in job {self.job_id} listens on {self.job_host}:{self.job_port}", 90)
         return self.job_host, self.job_port
+
+    async def _start_tunnelled(self, request: JobRequest) -> str:
+        hub_gateway = await self.hub_gateway()
+        # the first-use window of the job's key restarts now that it runs: the queue wait does not count
+        hub_gateway.credentials.expect_first_use(self.job_tag, self.server_start_timeout)
+        endpoint = await self._wait_for_server(
+            hub_gateway.gateway.wait_up(self.job_tag, self.server_start_timeout), request, "open its tunnel")
+        self.job_port = endpoint.port
+        self._persist_state()
+        self._event(f"Server in job {self.job_id} on {self.job_host} is reachable through its tunnel", 90)
+        return endpoint.url
 
     async def _submit(self, home: str, request: JobRequest) -> None:
         async with _submission_slots(self.scheduler, self.max_concurrent_submissions):
@@ -433,6 +569,7 @@ class BatchSpawner(Spawner):
     def clear_job(self) -> None:
         self.job_id = self.job_tag = self.job_host = self.job_env_file = ""
         self.job_port = 0
+        self.job_tunnel = None
 
     async def _as_user(self, argv: list[str], what: str, *, stdin: str | None = None) -> None:
         """Run a file command as the job's user; failures become a SpawnException saying `what` failed."""
@@ -451,10 +588,93 @@ class BatchSpawner(Spawner):
         await self._write_env_file()
 
     async def _write_env_file(self) -> None:
-        """The server's environment (this spawn's tokens) into the job's file, which the job reads at start."""
+        """The server's environment (this spawn's tokens, and in reverse mode a fresh tunnel credential) into
+        the job's file, which the job reads at start."""
+        env = self.get_env()
+        if self.tunnel == "reverse":
+            env.update(await self._issue_tunnel_credential())
         await self._as_user(["dd", f"of={self.job_env_file}", "status=none"],
                             f"write the job environment file {self.job_env_file}",
-                            stdin=render_env_file(self.get_env()))
+                            stdin=render_env_file(env))
+
+    # -- the tunnel (reverse mode) ----------------------------------------------------------------
+    async def _issue_tunnel_credential(self) -> dict[str, str]:
+        """A one-time key for this job, valid until the job has had time to queue and start, and the
+        gateway's host key line: the job's tunnel client reads both from its environment file."""
+        hub_gateway = await self.hub_gateway()
+        credential = hub_gateway.credentials.issue(
+            self.job_tag, first_use_within=self.queue_timeout + self.server_start_timeout)
+        hub_gateway.attach(self.job_tag, self)
+        self.job_tunnel = hub_gateway.credentials.state(self.job_tag)
+        return {TUNNEL_KEY_VAR: credential.private_key,
+                TUNNEL_KNOWN_HOSTS_VAR: hub_gateway.gateway.known_hosts_line(self.gateway_address())}
+
+    async def _reattach_tunnel(self) -> None:
+        """After a hub restart: register the running job's credential again (its client reconnects) and,
+        until it has, point the server at port 0 so that no route leads to a port someone else may hold
+        (get_url waits for the tunnel)."""
+        hub_gateway = await self.hub_gateway()
+        if hub_gateway.credentials.state(self.job_tag) is not None:
+            return
+        # the server was up before the restart: its key was used, so it has no first-use deadline now
+        hub_gateway.credentials.restore({**self.job_tunnel, "used": True})
+        hub_gateway.attach(self.job_tag, self)
+        self.log.info("Waiting for the tunnel of job %s of %s to reconnect", self.job_id, self._log_name)
+        endpoint = hub_gateway.gateway.endpoint(self.job_tag)
+        self._set_server_port(endpoint.port if endpoint else 0)
+
+    def _forget_tunnel(self) -> None:
+        if self._hub_gateway is not None and self.job_tag:
+            self._hub_gateway.detach(self.job_tag)
+        self.job_tunnel = None
+
+    async def get_url(self) -> str:
+        """Asked by JupyterHub at start-up for a server that poll() says runs: in reverse mode, the endpoint
+        once the job's tunnel has reconnected (within http_timeout; after that JupyterHub, finding nothing
+        at port 0, stops the server)."""
+        if self.tunnel == "reverse" and self.job_tag and self._hub_gateway is not None:
+            try:
+                endpoint = await self._hub_gateway.gateway.wait_up(self.job_tag, self.http_timeout)
+            except asyncio.TimeoutError:
+                self.log.error("The tunnel of job %s of %s did not come back within %s s of the hub's start",
+                               self.job_id, self._log_name, self.http_timeout)
+            else:
+                self._set_server_port(endpoint.port)
+        return await super().get_url()
+
+    def _set_server_port(self, port: int) -> None:
+        if self.server is not None and self.server.port != port:
+            self.server.port = port
+            self.job_port = port
+            self.user.db.commit()
+
+    @property
+    def _proxy(self) -> Any:
+        return self.user.settings.get("proxy") if self.user is not None else None
+
+    async def tunnel_up(self, event: TunnelEvent) -> None:
+        """The job's tunnel came (back) up: once its server answers there, its route is restored."""
+        if self.pending or self.server is None or self._proxy is None:
+            # starting: start() returns the endpoint; checked at the hub's start: get_url gives it. JupyterHub
+            # adds the route then.
+            return
+        self._set_server_port(event.endpoint.port)
+        try:
+            await self.server.wait_up(http=True, timeout=self.http_timeout, extra_path="api")
+        except (asyncio.TimeoutError, TimeoutError):
+            self.log.warning("The tunnel of job %s of %s is back, but its server does not answer at %s",
+                             self.job_id, self._log_name, self.server.url)
+            return
+        await self._proxy.add_user(self.user, self.name)
+        self.log.info("Tunnel of job %s of %s is back: route restored to %s", self.job_id, self._log_name,
+                      event.endpoint)
+
+    async def tunnel_down(self, event: TunnelEvent) -> None:
+        """The job's tunnel is down: the route goes until it is back (the job's client reconnects)."""
+        self.log.warning("Tunnel of job %s of %s is down (%s)", self.job_id, self._log_name, event.reason)
+        self._set_server_port(0)
+        if not self.pending and self.server is not None and self._proxy is not None:
+            await self._proxy.delete_user(self.user, self.name)
 
     async def _remove_env_file(self) -> None:
         if not self.job_env_file:
@@ -524,24 +744,32 @@ class BatchSpawner(Spawner):
             message += f"; the scheduler expects it to start at {estimate.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC"
         return message + "."
 
-    async def _wait_for_port(self, request: JobRequest) -> int:
-        assert self._port is not None
+    async def _wait_for_server(self, signal: Awaitable[T], request: JobRequest, what: str) -> T:
+        """`signal`'s result (the port reported, the tunnel up), unless the job ends first or the server
+        does not `what` within server_start_timeout."""
+        arrived = asyncio.ensure_future(signal)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.server_start_timeout
-        while not self._port.done():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise SpawnException(
-                    f"The server in job {self.job_id} did not report its port within "
-                    f"{self.server_start_timeout} s; the job was cancelled.\n" + await self._log_tail(request),
-                    reason="server-start-timeout",
-                )
-            update = asyncio.ensure_future(self.poller.next_update(self.job_id))
-            await asyncio.wait([self._port, update], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            if update.done() and update.result().state.is_terminal and not self._port.done():
-                await self._fail_ended_job(update.result(), request)
-            update.cancel()
-        return self._port.result()
+        try:
+            while not arrived.done():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                update = asyncio.ensure_future(self.poller.next_update(self.job_id))
+                await asyncio.wait([arrived, update], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                if update.done() and update.result().state.is_terminal and not arrived.done():
+                    await self._fail_ended_job(update.result(), request)
+                update.cancel()
+            if arrived.done() and not isinstance(arrived.exception(), asyncio.TimeoutError):
+                return arrived.result()
+        finally:
+            if not arrived.done():
+                arrived.cancel()
+        raise SpawnException(
+            f"The server in job {self.job_id} did not {what} within {self.server_start_timeout} s; the job "
+            "was cancelled.\n" + await self._log_tail(request),
+            reason="server-start-timeout",
+        )
 
     def report_port(self, port: int) -> bool:
         """Called by the hub API when the job reports its server's port; False if not expected now."""
@@ -590,6 +818,8 @@ class BatchSpawner(Spawner):
             return 0
         status = await self.poller.refresh(self.job_id)
         if not status.state.is_terminal:
+            if self.tunnel == "reverse" and self.job_tunnel and not self._spawn_pending:
+                await self._reattach_tunnel()
             # unknown is not gone: a scheduler hiccup must not mark a running server stopped
             return None
         self.poller.untrack(self.job_id)
@@ -603,6 +833,7 @@ class BatchSpawner(Spawner):
         if self.job_tag:
             await self.ledger.cancelling(self.job_tag)
         job_id = self.job_id
+        self._forget_tunnel()
         try:
             await self._cancel_until_ended(job_id, self.stop_timeout)
         except asyncio.TimeoutError:
@@ -671,6 +902,16 @@ class BatchSpawner(Spawner):
 
 
 _submission_semaphores: dict[str, asyncio.Semaphore] = {}
+
+
+def _beside_python(program: str) -> str:
+    """`program` from the hub's own bin directory (the jobs' environment), else from PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), program)
+    return beside if os.path.exists(beside) else program
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _submission_slots(scheduler: str, size: int) -> asyncio.Semaphore:

@@ -97,7 +97,7 @@ c.JupyterHub.services = [{{"name": "tester", "api_token": {service_token!r}}}]
 c.JupyterHub.load_roles = [{{
     "name": "tester", "services": ["tester"],
     "scopes": ["admin:users", "admin:servers", "admin:server_state", "list:users", "read:users", "access:servers",
-               "read:metrics"],
+               "read:metrics", "proxy"],
 }}]
 c.Spawner.default_url = "/lab"
 {extra}

@@ -1,6 +1,6 @@
 """The test Slurm cluster of docker/slurm-cluster/cluster.sh, as the rest of the suite relies on it:
-configured from slurm.conf.in, idempotent to start, both partitions there, and jobs of ordinary
-users running on the nodes c1 and c2."""
+configured from slurm.conf.in, idempotent to start, its partitions there, and jobs of ordinary
+users running on the nodes c1 and c2 (and n1, in netns.sh's namespace, when that exists)."""
 from __future__ import annotations
 
 import os
@@ -21,7 +21,13 @@ CLUSTER_DIR = REPO / "docker" / "slurm-cluster"
 CLUSTER_SH = CLUSTER_DIR / "cluster.sh"
 TEMPLATE = CLUSTER_DIR / "slurm.conf.in"
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
-NODES = ("c1", "c2")
+NETNS = Path("/run/netns/hpchub-n1")
+NETNS_PREFIX = os.environ.get("HPCHUB_NETNS_PREFIX", "10.251.0")
+# cluster.sh adds n1 when the namespace exists (the test set-up always makes it)
+NODES = ("c1", "c2", "n1") if NETNS.exists() else ("c1", "c2")
+CONTROLLER_ADDR = os.environ.get("HPCHUB_CONTROLLER_ADDR",
+                                 f"{NETNS_PREFIX}.1" if NETNS.exists() else "127.0.0.1")
+NODE_ADDRS = {n: f"{NETNS_PREFIX}.11" if n == "n1" else CONTROLLER_ADDR for n in NODES}
 PIDFILES = {
     "munged": Path("/run/munge/munged.pid"),
     "slurmctld": Path("/run/slurm/slurmctld.pid"),
@@ -38,8 +44,8 @@ def run(*argv: str, timeout: float = 30, **kwargs) -> subprocess.CompletedProces
 def render_template() -> str:
     """slurm.conf.in rendered the way cluster.sh renders it."""
     host = run("hostname", "-s").stdout.strip()
-    addr = os.environ.get("HPCHUB_CONTROLLER_ADDR", "127.0.0.1")
-    return TEMPLATE.read_text().replace("@CLUSTER_HOST@", host).replace("@CONTROLLER_ADDR@", addr)
+    return (TEMPLATE.read_text().replace("@CLUSTER_HOST@", host).replace("@CONTROLLER_ADDR@", CONTROLLER_ADDR)
+            .replace("@NETNS_NODE_ADDR@", f"{NETNS_PREFIX}.11"))
 
 
 def node_states() -> dict[str, str]:
@@ -70,9 +76,8 @@ def test_rendered_conf_is_the_template(slurm_cluster):
 
 
 def test_node_names_resolve(slurm_cluster):
-    addr = os.environ.get("HPCHUB_CONTROLLER_ADDR", "127.0.0.1")
     for node in NODES:
-        assert socket.gethostbyname(node) == addr
+        assert socket.gethostbyname(node) == NODE_ADDRS[node]
 
 
 def test_start_again_is_a_quick_no_op(slurm_cluster):
@@ -102,6 +107,7 @@ def test_partitions(slurm_cluster):
     assert parts == {
         "debug*": ["up", "1:00:00", "2", "c[1-2]"],   # the star marks the default partition
         "long": ["up", "7-00:00:00", "2", "c[1-2]"],
+        "netns": ["up", "1:00:00", "1", "n1"],
     }, out
 
 

@@ -4,6 +4,7 @@ to try what a job must not be able to do."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -282,6 +283,41 @@ async def test_command_runs_once_the_tunnel_is_up(make_setup):
     assert await exit_status(proc, 20) == 7
     assert seen.read_text() == f"127.0.0.1:{port_of(node)} 127.0.0.1:{api_port}"
     assert (await s.events.wait(False, "job1")).reason.startswith("connection lost")
+
+
+@pytest.mark.parametrize("ssh", ["asyncssh", "openssh"])
+@pytest.mark.asyncio
+async def test_job_mode_key_from_the_environment_private_socket_and_free_api_port(make_setup, ssh):
+    """As the spawner runs it: key and host key from environment variables (gone from COMMAND's
+    environment), the server's socket in a private directory, a free port for the hub API; the private
+    directory is removed at exit."""
+    if ssh == "openssh":
+        need_openssh()
+    s = await make_setup()
+    cred = s.store.issue("job1")
+    seen = s.root / "seen.json"
+    script = ("import json, os, stat, sys, urllib.request\n"
+              "local = os.environ['HPCHUB_TUNNEL_LOCAL']; api = os.environ['HPCHUB_HUB_API_LOCAL']\n"
+              "body = urllib.request.urlopen('http://' + api + '/', timeout=5).read().decode()\n"
+              "json.dump({'local': local, 'api': api, 'body': body, 'dir_mode': stat.S_IMODE(os.stat(os.path.dirname(local)).st_mode),"
+              " 'leaked': [k for k in os.environ if k.startswith('TEST_TUNNEL_')]}, open(sys.argv[1], 'w'))\n")
+    argv = [sys.executable, "-m", "tunnel.client", "--gateway", f"127.0.0.1:{s.gateway.port}", "--user", "job1",
+            "--key-env", "TEST_TUNNEL_KEY", "--known-hosts-env", "TEST_TUNNEL_KNOWN_HOSTS", "--local", "auto",
+            "--hub-api-local", "127.0.0.1:0", "--hub-api-remote", f"127.0.0.1:{port_of(s.hub_api)}",
+            "--ssh", ssh, "--connect-timeout", "20", "--", sys.executable, "-c", script, str(seen)]
+    env = dict(os.environ, TEST_TUNNEL_KEY=cred.private_key, TEST_TUNNEL_KNOWN_HOSTS=s.known_hosts.read_text())
+    with open(s.root / "client.log", "ab") as out:
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                                    env=env, cwd="/")
+    s.procs.append(proc)
+    assert await exit_status(proc, 30) == 0, (s.root / "client.log").read_text()
+    result = json.loads(seen.read_text())
+    assert result["body"] == "hub api" and not result["api"].endswith(":0"), result
+    assert result["local"].endswith("/server.sock") and result["dir_mode"] == 0o700, result
+    assert result["leaked"] == [], "the key reached the command's environment"
+    assert not os.path.exists(os.path.dirname(result["local"])), "the private directory outlived the client"
+    up = await s.events.wait(True, "job1")
+    assert up.endpoint == cred.endpoint
 
 
 # --- reconnects ----------------------------------------------------------------------------------------

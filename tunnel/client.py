@@ -13,6 +13,10 @@ holds a node for nothing. With COMMAND it starts COMMAND once the tunnel is up (
 HPCHUB_TUNNEL_LOCAL and HPCHUB_HUB_API_LOCAL), exits with COMMAND's status, and stops COMMAND when the
 tunnel is gone for good. Without COMMAND it runs until killed.
 
+In a job, `--key-env`/`--known-hosts-env` take the key and the gateway's host key from environment variables
+(set from the job's private environment file; removed before COMMAND starts), `--local auto` puts the
+server's socket in a private directory on the node, and `--hub-api-local 127.0.0.1:0` takes a free port.
+
 Uses asyncssh when it can be imported (`--ssh auto`), otherwise OpenSSH's `ssh` with the same settings
 (`openssh_argv`). Only the standard library is needed besides.
 """
@@ -23,11 +27,12 @@ import asyncio
 import os
 import random
 import signal
+import socket
 import stat
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 from . import REVERSE_PLACEHOLDER
@@ -37,6 +42,8 @@ CIPHERS = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes256-gc
 # OpenSSH says this (at -v) when the gateway accepted the reverse forward
 _OPENSSH_FORWARD_UP = f"remote forward success for: listen {REVERSE_PLACEHOLDER[0]}:{REVERSE_PLACEHOLDER[1]}"
 _KILL_GRACE_S = 10.0
+#: `--local auto`: the server's socket in the client's private directory on the node
+LOCAL_AUTO = "auto"
 # ssh logs at -v (to see the forward come up) a few lines per forwarded connection: cut its log beyond this
 _OPENSSH_LOG_MAX = 1 << 20
 
@@ -73,16 +80,23 @@ class Options:
         return "/" in self.local
 
 
-def host_port(text: str) -> tuple[str, int]:
+def host_port(text: str, lowest_port: int = 1) -> tuple[str, int]:
     """"HOST:PORT" or "[V6ADDR]:PORT" -> (host, port)."""
     host, sep, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not lowest_port <= int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}")
     return host, int(port)
 
 
+def _bindable(text: str) -> tuple[str, int]:
+    """HOST:PORT to listen on; port 0 takes a free one."""
+    return host_port(text, lowest_port=0)
+
+
 def _local_spec(text: str) -> str:
+    if text == LOCAL_AUTO:
+        return text
     if "/" in text:
         if not os.path.isabs(text):
             raise argparse.ArgumentTypeError(f"a socket path must be absolute, not {text!r}")
@@ -127,7 +141,7 @@ class AsyncsshTunnel:
     arriving while the tunnel is down is closed), so that no other user on the node can take it over."""
 
     def __init__(self, opts: Options, asyncssh_module) -> None:
-        self.opts = opts
+        self.opts = opts        # start() fills in a hub API port 0 with the port it bound
         self.asyncssh = asyncssh_module
         self.key = asyncssh_module.read_private_key(opts.key)
         self.conn = None
@@ -143,6 +157,8 @@ class AsyncsshTunnel:
     async def start(self) -> None:
         if self.opts.hub_api_local and self.opts.hub_api_remote:
             self.api_server = await asyncio.start_server(self._relay_api, *self.opts.hub_api_local)
+            bound = self.api_server.sockets[0].getsockname()[:2]
+            self.opts = replace(self.opts, hub_api_local=(self.opts.hub_api_local[0], bound[1]))
 
     async def stop(self) -> None:
         if self.api_server is not None:
@@ -232,12 +248,17 @@ class OpensshTunnel:
     would kill ssh), read for the line that says the reverse forward is up."""
 
     def __init__(self, opts: Options, ssh: str = "ssh") -> None:
-        self.opts = opts
+        self.opts = opts        # start() fills in a hub API port 0 with a free port
         self.ssh = ssh
         self.log_dir = tempfile.mkdtemp(prefix="hpchub-tunnel-")
 
     async def start(self) -> None:
-        pass
+        if self.opts.hub_api_local and self.opts.hub_api_local[1] == 0:
+            # ssh binds it itself: free now, taken by ssh a moment later (asyncssh holds its port throughout)
+            host = self.opts.hub_api_local[0]
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+                probe.bind((host, 0))
+                self.opts = replace(self.opts, hub_api_local=(host, probe.getsockname()[1]))
 
     async def stop(self) -> None:
         for name in os.listdir(self.log_dir):
@@ -380,6 +401,7 @@ async def run(opts: Options, mode: str, command: list[str]) -> int:
     except OSError as e:
         log(f"cannot listen on {opts.hub_api_local} for the hub API: {e}")
         return 1
+    opts = tunnel.opts
     keeper = asyncio.ensure_future(keep_up(tunnel, opts, on_up))
     stop_wait = asyncio.ensure_future(stopping.wait())
     child: asyncio.subprocess.Process | None = None
@@ -429,6 +451,7 @@ async def terminate(proc: asyncio.subprocess.Process, grace: float = _KILL_GRACE
 
 
 def _child_env(opts: Options) -> dict[str, str]:
+    # os.environ no longer holds the key and host key given with --key-env/--known-hosts-env (materialize)
     env = dict(os.environ, HPCHUB_TUNNEL_LOCAL=opts.local)
     if opts.hub_api_local:
         env["HPCHUB_HUB_API_LOCAL"] = _fmt(opts.hub_api_local)
@@ -448,7 +471,7 @@ def make_tunnel(opts: Options, mode: str):
     return OpensshTunnel(opts)
 
 
-def parse_args(argv: list[str]) -> tuple[Options, str, list[str]]:
+def parse_args(argv: list[str]) -> tuple[Options, str, list[str], "FromEnvironment"]:
     command: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
@@ -456,11 +479,17 @@ def parse_args(argv: list[str]) -> tuple[Options, str, list[str]]:
     p = argparse.ArgumentParser(prog="python -m tunnel.client", description=__doc__.split("\n\n")[0])
     p.add_argument("--gateway", type=host_port, required=True, help="the hub's tunnel gateway, HOST:PORT")
     p.add_argument("--user", required=True, help="the job's tag (the gateway's user name for this job)")
-    p.add_argument("--key", required=True, help="the job's private key file (mode 0600)")
-    p.add_argument("--known-hosts", required=True, help="known_hosts file with the gateway's host key")
+    key = p.add_mutually_exclusive_group(required=True)
+    key.add_argument("--key", help="the job's private key file (mode 0600)")
+    key.add_argument("--key-env", metavar="VAR", help="environment variable holding the job's private key")
+    known = p.add_mutually_exclusive_group(required=True)
+    known.add_argument("--known-hosts", help="known_hosts file with the gateway's host key")
+    known.add_argument("--known-hosts-env", metavar="VAR", help="environment variable holding that line")
     p.add_argument("--local", type=_local_spec, required=True,
-                   help="where the single-user server listens on this node: /path/to/socket or HOST:PORT")
-    p.add_argument("--hub-api-local", type=host_port, help="HOST:PORT on this node that reaches the hub API")
+                   help="where the single-user server listens on this node: /path/to/socket, HOST:PORT, or "
+                   "'auto' (a socket in a private directory)")
+    p.add_argument("--hub-api-local", type=_bindable,
+                   help="HOST:PORT on this node that reaches the hub API (port 0: a free one)")
     p.add_argument("--hub-api-remote", type=host_port, help="the hub API as the gateway reaches it, HOST:PORT")
     p.add_argument("--keepalive", type=float, default=15.0, help="seconds between keepalives (default 15)")
     p.add_argument("--keepalive-count", type=int, default=3, help="unanswered keepalives that drop the connection")
@@ -477,12 +506,43 @@ def parse_args(argv: list[str]) -> tuple[Options, str, list[str]]:
     if a.keepalive <= 0 or a.keepalive_count < 1 or a.connect_timeout <= 0 or a.reconnect_timeout <= 0 \
             or a.backoff_max <= 0:
         p.error("times and counts must be positive")
-    _check_key_file(p, a.key)
-    if not os.path.isfile(a.known_hosts):
+    if a.key:
+        _check_key_file(p, a.key)
+    if a.known_hosts and not os.path.isfile(a.known_hosts):
         p.error(f"--known-hosts {a.known_hosts!r} is not a file")
-    opts = Options(a.gateway, a.user, a.key, a.known_hosts, a.local, a.hub_api_local, a.hub_api_remote,
-                   a.keepalive, a.keepalive_count, a.connect_timeout, a.reconnect_timeout, a.backoff_max)
-    return opts, a.ssh, command
+    for option, name in (("--key-env", a.key_env), ("--known-hosts-env", a.known_hosts_env)):
+        if name and not os.environ.get(name):
+            p.error(f"{option} {name}: the environment variable is not set")
+    opts = Options(a.gateway, a.user, a.key or "", a.known_hosts or "", a.local, a.hub_api_local,
+                   a.hub_api_remote, a.keepalive, a.keepalive_count, a.connect_timeout, a.reconnect_timeout,
+                   a.backoff_max)
+    return opts, a.ssh, command, FromEnvironment(a.key_env, a.known_hosts_env)
+
+
+@dataclass(frozen=True)
+class FromEnvironment:
+    """Names of the environment variables that hold the key and the known_hosts line, if given so."""
+
+    key: str | None = None
+    known_hosts: str | None = None
+
+
+def materialize(opts: Options, given: FromEnvironment, private_dir: str) -> Options:
+    """Options with files for what came in environment variables, and the `--local auto` socket path, all in
+    `private_dir` (mode 0700, removed at exit). The variables leave this process's environment, so that
+    COMMAND (the server, its kernels) does not inherit the key."""
+    def write(name: str, text: str) -> str:
+        path = os.path.join(private_dir, name)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+        return path
+    if given.key:
+        opts = replace(opts, key=write("key", os.environ.pop(given.key)))
+    if given.known_hosts:
+        opts = replace(opts, known_hosts=write("known_hosts", os.environ.pop(given.known_hosts)))
+    if opts.local == LOCAL_AUTO:
+        opts = replace(opts, local=os.path.join(private_dir, "server.sock"))
+    return opts
 
 
 def _check_key_file(p: argparse.ArgumentParser, path: str) -> None:
@@ -495,8 +555,10 @@ def _check_key_file(p: argparse.ArgumentParser, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    opts, mode, command = parse_args(sys.argv[1:] if argv is None else argv)
-    sys.exit(asyncio.run(run(opts, mode, command)))
+    opts, mode, command, given = parse_args(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory(prefix="hpchub-job-") as private_dir:     # mode 0700
+        status = asyncio.run(run(materialize(opts, given, private_dir), mode, command))
+    sys.exit(status)
 
 
 if __name__ == "__main__":

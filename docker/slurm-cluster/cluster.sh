@@ -2,6 +2,9 @@
 # The hpchub test Slurm cluster on this host, without systemd (Debian 12, Slurm 22.05):
 # munged, slurmctld and one `slurmd -N cN` per node (c1, c2), configured from slurm.conf.in beside
 # this script, plus the ordinary test users alice and bob (passwords alicepw, bobpw).
+# When the network namespace of netns.sh exists (start it first), a third node n1 runs inside it
+# (partition netns), a node the hub cannot reach, and the controller is addressed at the bridge address
+# so that n1 can reach it.
 #
 # Usage (as root): cluster.sh start|stop|status|restart
 #   start    install what is missing, write the configuration (restarting the Slurm daemons when it
@@ -10,7 +13,9 @@
 #   stop     stop the slurmd's, slurmctld and munged
 #   status   print what runs (exit 0 when everything runs, 3 otherwise)
 # Env:
-#   HPCHUB_CONTROLLER_ADDR  IPv4 address of the controller and the nodes (default 127.0.0.1)
+#   HPCHUB_CONTROLLER_ADDR  IPv4 address of the controller and of c1, c2 (default: the bridge address
+#                           PREFIX.1 when the namespace exists, else 127.0.0.1)
+#   HPCHUB_NETNS_PREFIX     as for netns.sh (default 10.251.0): n1 is PREFIX.11
 #   HPCHUB_CLUSTER_WAIT     seconds to wait for the nodes to come up (default 60)
 # Progress goes to stderr; `start` prints one summary line on stdout. Logs: /var/log/slurm.
 set -euo pipefail
@@ -32,7 +37,16 @@ MUNGE_KEY=/etc/munge/munge.key
 NODES=(c1 c2)                 # must match NodeName in slurm.conf.in
 PACKAGES=(munge slurm-wlm slurmctld slurmd slurm-client sudo)
 HOSTS_MARK='# hpchub-slurm-node'
-CONTROLLER_ADDR=${HPCHUB_CONTROLLER_ADDR:-127.0.0.1}
+NETNS_PREFIX=${HPCHUB_NETNS_PREFIX:-10.251.0}
+NETNS_PATH=/run/netns/hpchub-n1      # netns.sh's namespace
+NETNS_NODE=n1                        # must match the netns NodeName in slurm.conf.in
+NETNS_NODE_ADDR=$NETNS_PREFIX.11
+if [[ -e $NETNS_PATH ]]; then
+  NODES+=("$NETNS_NODE")
+  CONTROLLER_ADDR=${HPCHUB_CONTROLLER_ADDR:-$NETNS_PREFIX.1}
+else
+  CONTROLLER_ADDR=${HPCHUB_CONTROLLER_ADDR:-127.0.0.1}
+fi
 WAIT=${HPCHUB_CLUSTER_WAIT:-60}
 
 log_files() {
@@ -54,13 +68,15 @@ valid_ipv4() {
   for octet in $1; do ((10#$octet <= 255)) || return 1; done
 }
 
+node_addr() { if [[ $1 == "$NETNS_NODE" ]]; then echo "$NETNS_NODE_ADDR"; else echo "$CONTROLLER_ADDR"; fi; }
+
 # The host name must resolve (slurmctld checks it is the SlurmctldHost), and so must the node names:
 # jobs are reached at their node's name. Node lines carry a marker, so re-runs replace them.
 ensure_hosts() {
   local host=$1 tmp=$TMP/hosts n
   resolve_host "$host"
   grep -v -- "$HOSTS_MARK\$" /etc/hosts >"$tmp" || true
-  for n in "${NODES[@]}"; do printf '%s %s %s\n' "$CONTROLLER_ADDR" "$n" "$HOSTS_MARK" >>"$tmp"; done
+  for n in "${NODES[@]}"; do printf '%s %s %s\n' "$(node_addr "$n")" "$n" "$HOSTS_MARK" >>"$tmp"; done
   if ! cmp -s "$tmp" /etc/hosts; then
     log "writing the node names ${NODES[*]} into /etc/hosts"
     cat "$tmp" >/etc/hosts       # in place: /etc/hosts may be a bind mount (containers)
@@ -74,7 +90,7 @@ write_conf() {
   install -d -m 755 /etc/slurm
   install -d -m 755 -o slurm -g slurm "$RUN" "$LOGDIR" "$STATEDIR"
   for n in "${NODES[@]}"; do install -d -m 755 "/var/lib/slurm/slurmd/$n"; done
-  render "$TEMPLATE" "$tmp" CLUSTER_HOST="$host" CONTROLLER_ADDR="$CONTROLLER_ADDR"
+  render "$TEMPLATE" "$tmp" CLUSTER_HOST="$host" CONTROLLER_ADDR="$CONTROLLER_ADDR" NETNS_NODE_ADDR="$NETNS_NODE_ADDR"
   if install_if_changed 644 root "$CONF" "$tmp"; then
     log "writing $CONF"
     CONF_CHANGED=1
@@ -142,7 +158,11 @@ start_slurm() {
     if ! daemon_alive "$RUN/slurmd-$n.pid" slurmd; then
       rm -f "$RUN/slurmd-$n.pid"
       log "starting slurmd $n"
-      launch "slurmd-$n" "$LOGDIR/slurmd-$n.out" slurmd -N "$n"
+      if [[ $n == "$NETNS_NODE" ]]; then   # nsenter, not `ip netns exec`: see netns.sh
+        launch "slurmd-$n" "$LOGDIR/slurmd-$n.out" nsenter --net="$NETNS_PATH" slurmd -N "$n"
+      else
+        launch "slurmd-$n" "$LOGDIR/slurmd-$n.out" slurmd -N "$n"
+      fi
     fi
   done
 }
