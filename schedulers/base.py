@@ -56,6 +56,8 @@ class InvalidRequest(ValueError):
     def __init__(self, field: str, value: object, allowed: str):
         super().__init__(f"{field}: {value!r} is not allowed ({allowed})")
         self.field = field
+        self.value = value
+        self.allowed = allowed
 
 
 # Values that reach directive lines: no white space, quotes, `$`, backticks, `#` or line breaks, so none
@@ -142,7 +144,8 @@ class PartitionInfo:
     max_nodes: int | None = None
     max_cores_per_node: int | None = None
     max_memory_mb_per_node: int | None = None
-    #: GPU type ("" for untyped) -> most GPUs of that type on one node
+    #: GPU type -> most GPUs of that type on one node; "" -> most GPUs of any type on one node (the bound for
+    #: a request that names no type). Empty: no GPUs.
     gpus: Mapping[str, int] = field(default_factory=dict)
     nodes_total: int = 0
     nodes_idle: int = 0

@@ -10,13 +10,15 @@ import sys
 import tempfile
 from typing import ClassVar, Mapping, Sequence
 
-from .base import Adapter, JobRequest, JobState, JobStatus, SchedulerUnavailable
+from .base import Adapter, JobRequest, JobState, JobStatus, PartitionInfo, SchedulerUnavailable
 from .runner import CommandResult, Runner
 
 DEFAULT_SPOOL = os.path.join(tempfile.gettempdir(), "hpchub-localq")
 # localq's exit status for a script it refused, apart from failures of localq itself. Defined here, not in
 # localq, so that importing the package does not import localq before `python -m` runs it.
 REJECTED = 2
+#: localq's one queue, as partitions() names it
+QUEUE = "local"
 
 
 class LocalAdapter(Adapter):
@@ -53,6 +55,13 @@ class LocalAdapter(Adapter):
             super().check_submit(result)
         elif result.returncode != 0:
             raise SchedulerUnavailable(f"localq submit failed: {result.stderr.strip()}", result=result)
+
+    async def partitions(self) -> list[PartitionInfo]:
+        """localq's one queue: this machine, its CPUs and memory, no time limit. localq starts every job at
+        once, so the machine always counts as an idle node. No command: the jobs run on the hub's own host."""
+        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 1024 ** 2
+        return [PartitionInfo(name=QUEUE, default=True, max_nodes=1, max_cores_per_node=len(os.sched_getaffinity(0)),
+                              max_memory_mb_per_node=memory_mb, nodes_total=1, nodes_idle=1)]
 
     def tag_query_argv(self, tag: str) -> list[str]:
         return self._localq("find", "--comment", tag)

@@ -18,16 +18,21 @@ for Debian. What this module relies on, from the PBS Professional 2022 / OpenPBS
 - qdel prints "qdel: REASON ID" per job it could not delete: "Unknown Job Id", "Job has finished" (both: the job
   is not running, which is what a cancel wants), "Unauthorized Request "; unreachable server: "Couldn't connect to
   cluster: NAME".
+- `qstat -B -f -F json` prints {"Server": {NAME: {..., "default_queue": ...}}}; `qstat -Q -f -F json` {"Queue":
+  {NAME: {"queue_type", "resources_max": {...}, "resources_default": {...}, "enabled", "started", ...}}};
+  `pbsnodes -a -v -F json` {"nodes": {NAME: {"state", "jobs": [...], "resources_available": {...}, ...}}}, and
+  without any node "pbsnodes: No nodes found" on stderr, exit 0. Sizes are "100gb", "384000000kb".
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 from datetime import datetime
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
-from .base import Adapter, JobRequest, JobState, JobStatus, SchedulerError, SchedulerUnavailable
+from .base import Adapter, JobRequest, JobState, JobStatus, PartitionInfo, SchedulerError, SchedulerUnavailable
 from .runner import CommandResult, Runner
 
 _JOB_ID = re.compile(r"[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9_-]+)*")
@@ -53,6 +58,10 @@ JOB_EXEC_CODES = {
     -27: "JOB_EXEC_KILL_MEM", -28: "JOB_EXEC_KILL_CPUT", -29: "JOB_EXEC_KILL_WALLTIME",
 }
 JOB_EXEC_KILL_WALLTIME = -29
+_SIZE = re.compile(r"([0-9]+)([kmgtp]?)([bw]?)", re.IGNORECASE)
+# (enabled, started) -> PartitionInfo.state: a queue that takes jobs but does not start them is "down", as a
+# Slurm partition that is DOWN; one that starts its jobs but takes no new ones "drain"
+_QUEUE_STATES = {(True, True): "up", (True, False): "down", (False, True): "drain", (False, False): "inactive"}
 
 
 class PBSAdapter(Adapter):
@@ -110,6 +119,24 @@ class PBSAdapter(Adapter):
                 statuses[job_id] = self._status(job_id, attributes)
         return statuses
 
+    async def partitions(self) -> list[PartitionInfo]:
+        """The queues jobs may be submitted to, from three calls made at once: `qstat -B` (the default queue),
+        `qstat -Q` (limits, state) and `pbsnodes` (the nodes' CPUs, memory, GPUs, states)."""
+        results = await asyncio.gather(*(self._run(argv) for argv in self.partitions_argv()), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            if result.returncode != 0:
+                text = result.stderr.strip()
+                raise SchedulerUnavailable(f"pbs: {os.path.basename(result.argv[0])} failed (exit "
+                                           f"{result.returncode}): {text}", reason=text, result=result)
+        server, queues, nodes = (_document(result) for result in results)
+        return parse_queues(server, queues, nodes)
+
+    def partitions_argv(self) -> list[list[str]]:
+        return [[self.command("qstat"), "-B", "-f", "-F", "json"], [self.command("qstat"), "-Q", "-f", "-F", "json"],
+                [self.command("pbsnodes"), "-a", "-v", "-F", "json"]]
+
     def tag_query_argv(self, tag: str) -> list[str]:
         # qstat cannot select on a name's suffix: one call lists every job the server keeps, finished ones too
         return [self.command("qstat"), "-f", "-F", "json", "-x"]
@@ -164,6 +191,138 @@ def _finished(job_id: str, state: str, attributes: Mapping[str, Any], comment: s
         exit_code = 128 + exit_status - SIGNALLED  # as a shell reports a signal
     reason = JOB_EXEC_CODES.get(exit_status, comment) if exit_status is not None and exit_status < 0 else comment
     return JobStatus(job_id, job_state, native_state=state, reason=reason, nodes=nodes, exit_code=exit_code)
+
+
+def parse_queues(server: Mapping[str, Any], queues: Mapping[str, Any], nodes: Mapping[str, Any]) -> list[PartitionInfo]:
+    """The queues of `qstat -B -f -F json`, `qstat -Q -f -F json` and `pbsnodes -a -v -F json` documents, as parsed
+    JSON, in qstat's order; queues that take jobs only from a routing queue (from_route_only) are left out.
+
+    A queue's nodes: those whose `queue` attribute names it when any does; else, when its default_chunk has a
+    Qlist, those whose resources_available.Qlist holds that; else every node not tied to a queue. A routing queue's
+    nodes are those of its destinations. Per-node figures are the largest node's, within the queue's resources_max
+    (ncpus, mem and ngpus are job-wide there: a bound for one node as well)."""
+    default = next((str(s.get("default_queue", "")) for s in _members(server, "Server").values()), "")
+    all_queues = _members(queues, "Queue")
+    all_nodes = _members(nodes, "nodes")
+    partitions = []
+    for name, queue in all_queues.items():
+        if _true(queue.get("from_route_only")):
+            continue
+        members = [all_nodes[n] for n in _queue_nodes(name, all_queues, all_nodes, set())]
+        limits = _mapping(queue.get("resources_max"))
+        cores = _capped(_largest(_number(_mapping(n.get("resources_available")).get("ncpus")) for n in members),
+                        _number(limits.get("ncpus")))
+        memory = _capped(_largest(_size_mb(_mapping(n.get("resources_available")).get("mem")) for n in members),
+                         _size_mb(limits.get("mem")))
+        gpus = _capped(_largest(_number(_mapping(n.get("resources_available")).get("ngpus")) for n in members),
+                       _number(limits.get("ngpus")))
+        partitions.append(PartitionInfo(
+            name=name, default=name == default,
+            state=_QUEUE_STATES[_true(queue.get("enabled")), _true(queue.get("started"))],
+            max_walltime_s=_walltime(limits.get("walltime")),
+            default_walltime_s=_walltime(_mapping(queue.get("resources_default")).get("walltime")),
+            max_nodes=_number(limits.get("nodect")), max_cores_per_node=cores, max_memory_mb_per_node=memory,
+            gpus={"": gpus} if gpus else {}, nodes_total=len(members),
+            nodes_idle=sum(1 for n in members if _idle(n)),
+            allowed_groups=_acl(queue, "acl_group_enable", "acl_groups")))
+    return partitions
+
+
+def _queue_nodes(name: str, queues: Mapping[str, Mapping[str, Any]], nodes: Mapping[str, Mapping[str, Any]],
+                 seen: set[str]) -> list[str]:
+    queue = queues.get(name)
+    if queue is None or name in seen:
+        return []
+    seen.add(name)
+    if str(queue.get("queue_type", "")).lower() == "route":
+        found = (_queue_nodes(d.strip().partition("@")[0], queues, nodes, seen)
+                 for d in str(queue.get("route_destinations", "")).split(","))
+        return list(dict.fromkeys(n for names in found for n in names))
+    tied = [n for n, node in nodes.items() if node.get("queue") == name]
+    if tied:
+        return tied
+    qlist = _mapping(queue.get("default_chunk")).get("Qlist")
+    if qlist is not None:
+        return [n for n, node in nodes.items()
+                if str(qlist) in str(_mapping(node.get("resources_available")).get("Qlist", "")).split(",")]
+    return [n for n, node in nodes.items() if "queue" not in node]
+
+
+def _idle(node: Mapping[str, Any]) -> bool:
+    """Free, and no job on it: "free" alone means that some of its CPUs are."""
+    return str(node.get("state", "")) == "free" and not node.get("jobs") and \
+        not _number(_mapping(node.get("resources_assigned")).get("ncpus"))
+
+
+def _acl(queue: Mapping[str, Any], enable: str, entries: str) -> tuple[str, ...]:
+    """An enabled ACL's allowed names: "+physics@*,-guests,chem" -> ("physics", "chem")."""
+    if not _true(queue.get(enable)):
+        return ()
+    names = (e.strip() for e in str(queue.get(entries, "")).split(","))
+    return tuple(n.lstrip("+").partition("@")[0] for n in names if n and not n.startswith("-"))
+
+
+def _document(result: CommandResult) -> Mapping[str, Any]:
+    if not result.stdout.strip():
+        return {}  # pbsnodes without any node: "No nodes found" on stderr, exit 0
+    try:
+        document = json.loads(result.stdout)
+    except ValueError as e:
+        raise SchedulerUnavailable(f"pbs: {os.path.basename(result.argv[0])} printed no JSON document ({e}): "
+                                   f"{result.stdout[:200]!r}", result=result) from None
+    if not isinstance(document, dict):
+        raise SchedulerUnavailable(f"pbs: unexpected JSON: {result.stdout[:200]!r}", result=result)
+    return document
+
+
+def _members(document: Mapping[str, Any], key: str) -> dict[str, Mapping[str, Any]]:
+    members = document.get(key, {})
+    if not isinstance(members, dict) or not all(isinstance(m, dict) for m in members.values()):
+        raise SchedulerUnavailable(f"pbs: unexpected {key!r} in a JSON document: {str(members)[:200]!r}")
+    return members
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _true(value: Any) -> bool:
+    return str(value).lower() in ("true", "t", "1", "y")
+
+
+def _walltime(value: Any) -> int | None:
+    """"24:00:00", "30:00", "90" or a bare number of seconds."""
+    if value is None:
+        return None
+    parts = str(value).split(".")[0].split(":")
+    if len(parts) > 3 or not all(p.isdigit() for p in parts):
+        raise SchedulerUnavailable(f"pbs: unexpected walltime {value!r}")
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    return seconds
+
+
+def _size_mb(value: Any) -> int | None:
+    """A PBS size ("100gb", "384000000kb", "2048", "1024w") in MB; None when absent."""
+    if value is None:
+        return None
+    match = _SIZE.fullmatch(str(value).strip())
+    if match is None:
+        raise SchedulerUnavailable(f"pbs: unexpected size {value!r}")
+    number, scale, unit = match.groups()
+    size = int(number) * 1024 ** " kmgtp".index(scale.lower() or " ") * (8 if unit.lower() == "w" else 1)
+    return size // 1024 ** 2
+
+
+def _largest(values: Iterable[int | None]) -> int | None:
+    return max((v for v in values if v is not None), default=None)
+
+
+def _capped(value: int | None, cap: int | None) -> int | None:
+    if value is None:
+        return cap
+    return value if cap is None else min(value, cap)
 
 
 def _job_errors(result: CommandResult, command: str, job_ids: Sequence[str]) -> dict[str, str]:

@@ -20,6 +20,9 @@ Verified against SGE 8.1.9 (Debian 12):
   "U has deleted job N", "job N is already in deletion", 'denied: job "N" does not exist' (ended), and
   'U - you do not have the necessary privileges to delete the job "N"'.
 - Grid Engine gives no start estimate for pending jobs: `estimated_start` stays None.
+- `qconf -sq '*'` prints every cluster queue's configuration in one call, and qconf takes several `-se HOST` in
+  one call too; `qhost -q -xml` lists each host's queue instances (slots total/used/reserved, state letters).
+  A queue value may differ per host: "8,[node1=16],[@big=32]".
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import re
 import xml.etree.ElementTree as ET
 from typing import ClassVar, Iterable, Sequence
 
-from .base import Adapter, JobRequest, JobState, JobStatus, SchedulerError, SchedulerUnavailable
+from .base import Adapter, JobRequest, JobState, JobStatus, PartitionInfo, SchedulerError, SchedulerUnavailable
 from .runner import CommandResult, Runner
 
 _JOB_ID = re.compile(r"[0-9]+")
@@ -40,6 +43,12 @@ _CANCEL_DONE = re.compile(r'.* has registered the job (\d+) for deletion|.* has 
 _FAILED_LIMIT = 37    # "qmaster enforced h_rt, h_cpu, or h_vmem limit"
 _FAILED_AFTER_JOB = 100
 _SIGKILL_EXIT = 128 + 9
+_NO_QUEUE = "No cluster queue or queue instance matches the phrase"
+# queue instance states in which it takes no new job: unknown (execd down), load alarm, suspend alarm, calendar
+# suspended/disabled, suspended, subordinated, disabled, error, configuration ambiguous, orphaned
+_CLOSED = set("uaACDsSdEco")
+_MEMORY = re.compile(r"([0-9.]+)([kKmMgGtT]?)")
+_UNLIMITED = ("INFINITY", "NONE", "UNDEFINED", "-", "")
 
 
 class SGEAdapter(Adapter):
@@ -51,11 +60,16 @@ class SGEAdapter(Adapter):
     unreachable: ClassVar[tuple[str, ...]] = _UNREACHABLE
     id_label: ClassVar[str] = "Grid Engine"
 
-    def __init__(self, runner: Runner, *, command_timeout: float = 30.0, accounting_lookups: int = 10):
+    def __init__(self, runner: Runner, *, command_timeout: float = 30.0, accounting_lookups: int = 10,
+                 default_queue: str | None = None, gpu_complex: str = "gpu"):
         """`accounting_lookups`: at most this many `qacct` calls (one per job that left qstat) per query;
-        the jobs beyond stay UNKNOWN until a later query."""
+        the jobs beyond stay UNKNOWN until a later query. `default_queue`: where jobs that name no queue go (the
+        `-q` of the cluster's sge_request), which `partitions()` marks default: Grid Engine itself has no default
+        queue. `gpu_complex`: the consumable that counts GPUs, as the job template requests it (`-l gpu=N`)."""
         super().__init__(runner, command_timeout=command_timeout)
         self.accounting_lookups = accounting_lookups
+        self.default_queue = default_queue
+        self.gpu_complex = gpu_complex
 
     def submit_argv(self, request: JobRequest) -> list[str]:
         return ["qsub", "-terse"]
@@ -93,6 +107,28 @@ class SGEAdapter(Adapter):
                 statuses[job_id] = JobStatus(job_id, state, native_state=native, reason=reason,
                                              nodes=(host,) if host else ())
         return statuses
+
+    async def partitions(self) -> list[PartitionInfo]:
+        """Each cluster queue with its limits, in two calls: `qhost -q -xml` (hosts, their queue instances, CPUs,
+        memory), then one qconf for every queue's configuration and every host's complex values (GPUs)."""
+        hosts = await self._run(["qhost", "-q", "-xml"])
+        if hosts.returncode != 0:
+            raise SchedulerUnavailable(f"sge: qhost failed (exit {hosts.returncode}): {hosts.stderr.strip()}",
+                                       reason=hosts.stderr.strip(), result=hosts)
+        names = [host.get("name", "") for host in _xml(hosts, "qhost -xml").iter("host")]
+        configs = await self._run(self.queue_config_argv(names))
+        if configs.returncode != 0 and not (_NO_QUEUE in configs.stderr and not self.cannot_reach(configs)):
+            raise SchedulerUnavailable(f"sge: qconf failed (exit {configs.returncode}): {configs.stderr.strip()}",
+                                       reason=configs.stderr.strip(), result=configs)
+        return parse_queues(configs.stdout, hosts.stdout, default_queue=self.default_queue,
+                            gpu_complex=self.gpu_complex)
+
+    def queue_config_argv(self, hosts: Sequence[str]) -> list[str]:
+        """Every queue's configuration and the complex values of `hosts` ("global" is the whole cluster's)."""
+        argv = ["qconf", "-sq", "*"]
+        for host in dict.fromkeys(["global", *hosts]):
+            argv += ["-se", host]
+        return argv
 
     def tag_query_argv(self, tag: str) -> list[str]:
         # the job context is only in the detailed listing, which this gives for every job in one call.
@@ -219,6 +255,148 @@ def explanation(text: str) -> str:
         if keep:
             lines.append(value.strip())
     return "\n".join(lines)
+
+
+def parse_queues(qconf: str, qhost_xml: str, *, default_queue: str | None = None,
+                 gpu_complex: str = "gpu") -> list[PartitionInfo]:
+    """Cluster queues from `qconf -sq '*' -se HOST...` and `qhost -q -xml`, in qconf's order.
+
+    A queue's hosts are those qhost lists an instance of it on. Per-node figures are the largest instance's:
+    its slots (1 without a parallel environment), its host's memory within h_vmem/s_vmem times those slots, its
+    GPUs (the `gpu_complex` of the host, within the queue's and the global one). The run-time limit is the lower
+    of h_rt and s_rt. Host-group overrides ("[@group=...]") are taken to apply to some host of the queue."""
+    records = _qconf_records(qconf)
+    queues = [r for r in records if "qname" in r]
+    complexes = {r["hostname"]: _complex_values(r.get("complex_values", "")) for r in records if "hostname" in r}
+    cluster_gpus = complexes.get("global", {}).get(gpu_complex)
+    instances: dict[str, list[dict[str, str]]] = {}
+    try:
+        root = ET.fromstring(qhost_xml)
+    except ET.ParseError as err:
+        raise SchedulerUnavailable(f"sge: qhost -xml printed no XML ({err}): {qhost_xml[:200]!r}") from None
+    for host in root.iter("host"):
+        values = {v.get("name", ""): v.text or "" for v in host.iter("hostvalue")}
+        for queue in host.iter("queue"):
+            instance = {v.get("name", ""): v.text or "" for v in queue.iter("queuevalue")}
+            instances.setdefault(queue.get("name", ""), []).append(
+                {**values, **instance, "host": host.get("name", "")})
+    partitions = []
+    for queue in queues:
+        name = queue["qname"]
+        pes = tuple(dict.fromkeys(pe for value in _host_values(queue.get("pe_list", "NONE"), list_valued=True)
+                                  for pe in value.replace(",", " ").split() if pe != "NONE"))
+        members = instances.get(name, [])
+        vmem = _lowest(_largest(_memory_mb(v) for v in _host_values(queue.get(key, "")))
+                       for key in ("h_vmem", "s_vmem"))
+        queue_gpus = _largest(_complex_values(v).get(gpu_complex) for v in
+                              _host_values(queue.get("complex_values", "NONE"), list_valued=True))
+        cores = memory = gpus = None
+        for instance in members:
+            slots = int(instance["slots"]) if instance.get("slots", "").isdigit() else 0
+            slots = slots if pes else min(slots, 1)
+            host_memory = _memory_mb(instance.get("mem_total", ""))
+            if vmem is not None and slots:
+                host_memory = vmem * slots if host_memory is None else min(host_memory, vmem * slots)
+            host_gpus = [g for g in (complexes.get(instance["host"], {}).get(gpu_complex), queue_gpus, cluster_gpus)
+                         if g is not None]
+            cores = _larger(cores, slots or None)
+            memory = _larger(memory, host_memory)
+            gpus = _larger(gpus, min(host_gpus) if host_gpus else None)
+        open_instances = [i for i in members if not set(i.get("state_string", "")) & _CLOSED]
+        partitions.append(PartitionInfo(
+            name=name, default=name == default_queue, state="up" if open_instances else "down",
+            max_walltime_s=_lowest(_largest(_seconds(v) for v in _host_values(queue.get(key, "")))
+                                   for key in ("h_rt", "s_rt")),
+            max_cores_per_node=cores, max_memory_mb_per_node=memory,
+            gpus={"": gpus} if gpus else {}, nodes_total=len(members),
+            nodes_idle=sum(1 for i in open_instances if i.get("slots_used") in ("0", "") and
+                           i.get("slots_resv") in ("0", "", None)),
+            parallel_environments=pes,
+            allowed_accounts=tuple(p for p in queue.get("projects", "NONE").replace(",", " ").split()
+                                   if p != "NONE")))
+    return partitions
+
+
+def _qconf_records(text: str) -> list[dict[str, str]]:
+    """qconf's "key  value" lines, continuation lines ("\\" at the end) joined, as one dict per queue ("qname")
+    or host ("hostname")."""
+    records: list[dict[str, str]] = []
+    for line in re.sub(r"\\\n\s*", "", text).splitlines():
+        key, _, value = line.strip().partition(" ")
+        if not key:
+            continue
+        if key in ("qname", "hostname"):
+            records.append({})
+        if records:
+            records[-1][key] = value.strip()
+    return records
+
+
+def _host_values(text: str, *, list_valued: bool = False) -> list[str]:
+    """A queue value and its per-host overrides ("8,[node1=16],[@big=32]") as ["8", "16", "32"]. A list-valued
+    default may itself hold commas ("make,smp"): its parts are joined back."""
+    default, overrides = [], []
+    for item in re.findall(r"\[[^\]]*\]|[^,\[]+", text):
+        item = item.strip()
+        if item.startswith("["):
+            overrides.append(item[1:-1].partition("=")[2])
+        elif item:
+            default.append(item)
+    values = [",".join(default)] if list_valued else default[:1]
+    return values + overrides
+
+
+def _complex_values(text: str) -> dict[str, int]:
+    """"gpu=2,license=3" (NONE: none) as the integer-valued ones: {"gpu": 2, "license": 3}."""
+    values = {}
+    for item in text.split(","):
+        name, _, value = item.strip().partition("=")
+        try:
+            values[name] = int(float(value))
+        except ValueError:
+            continue   # a string or memory complex: not a count
+    return values
+
+
+def _memory_mb(text: str) -> int | None:
+    """A Grid Engine memory specifier ("23.5G", "2048M", "4g", "1024") in MB (1024 * 1024 bytes); None for
+    INFINITY or an unknown value ("-")."""
+    match = _MEMORY.fullmatch(text.strip())
+    if text.strip() in _UNLIMITED or match is None:
+        return None
+    number, unit = float(match.group(1)), match.group(2)
+    scale = {"": 1, "k": 1e3, "K": 1024, "m": 1e6, "M": 1024 ** 2, "g": 1e9, "G": 1024 ** 3, "t": 1e12,
+             "T": 1024 ** 4}[unit]
+    return int(number * scale // 1024 ** 2)
+
+
+def _seconds(text: str) -> int | None:
+    """A time specifier ("00:10:00", "1::1", "600") in seconds; None for INFINITY."""
+    text = text.strip()
+    if text in _UNLIMITED:
+        return None
+    if text.isdigit():
+        return int(text)
+    parts = text.split(":")
+    if len(parts) != 3 or not all(p.isdigit() or p == "" for p in parts):
+        raise SchedulerUnavailable(f"sge: unexpected time limit {text!r}")
+    hours, minutes, seconds = (int(p or 0) for p in parts)
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def _largest(values: Iterable[int | None]) -> int | None:
+    """The largest value; None when any is None (no limit somewhere) or there is none."""
+    values = list(values)
+    return None if not values or None in values else max(v for v in values if v is not None)
+
+
+def _lowest(limits: Iterable[int | None]) -> int | None:
+    """The lowest of several limits on one thing; None (no limit) when none is set."""
+    return min((v for v in limits if v is not None), default=None)
+
+
+def _larger(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def _fields(block: str) -> Iterable[tuple[str, str]]:

@@ -12,6 +12,11 @@ Verified against Slurm 22.05.8:
 - scancel of a finished or unknown job of one's own: exit 0, silent.
 - `squeue --start` ignores `--Format` (it prints its own layout) but honours `--format`; it lists pending
   jobs only, with StartTime "N/A" where the scheduler has no plan (held jobs), as local time otherwise.
+- `scontrol show partition --oneliner`: one line of Key=Value words per partition (hidden ones left out);
+  "UNLIMITED", "NONE" and "ALL" mean no limit; times are [D-]HH:MM:SS. `sinfo --Node` lists a node once per
+  partition it is in; its StateComplete is the base state and every flag, lower case ("idle+drain").
+- sacctmgr without slurmdbd (AccountingStorageType=accounting_storage/none): exit 1, "You are not running a
+  supported accounting_storage plugin" on stderr.
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ import re
 from datetime import datetime
 from typing import ClassVar, Iterable, Mapping, Sequence
 
-from .base import Adapter, JobRequest, JobState, JobStatus, QueuePosition, SchedulerError, SchedulerUnavailable
+from .base import (Adapter, Associations, JobRequest, JobState, JobStatus, PartitionInfo, QueuePosition,
+                   SchedulerError, SchedulerUnavailable)
 from .runner import CommandResult, Runner
 
 # ASCII unit separator: cannot occur in ids, states, reasons or node names
@@ -35,6 +41,14 @@ _ALREADY_ENDED = ("Invalid job id specified", "Job/step already completing or co
 _NOT_QUEUED = "slurmctld does not know this job (ended over MinJobAge ago, or never existed)"
 # squeue's words for "no time": none set, or Slurm's "never" (INFINITE)
 _NO_ESTIMATE = ("N/A", "Unknown")
+_SINFO_FORMAT = ",".join(f"{field}:{_SEP}" for field in ("NodeList", "PartitionName", "CPUs", "Memory", "Gres",
+                                                         "StateComplete"))
+# scontrol's words for "no limit"
+_UNLIMITED = ("UNLIMITED", "INFINITE", "NONE", "N/A", "(null)", "")
+# node flags that still let a job start on an idle node at once
+_IDLE_FLAGS = {"cloud", "dynamic_norm"}
+_NO_ACCOUNTING = "not running a supported accounting_storage plugin"
+_USER = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.@-]{0,255}")
 
 
 class SlurmAdapter(Adapter):
@@ -71,9 +85,13 @@ class SlurmAdapter(Adapter):
         "DEADLINE": JobState.TIMEOUT,
     }
 
-    def __init__(self, runner: Runner, *, command_timeout: float = 30.0, use_sacct: bool = True):
+    def __init__(self, runner: Runner, *, command_timeout: float = 30.0, use_sacct: bool = True,
+                 cluster: str | None = None):
+        """`cluster`: this cluster's ClusterName, to read only its associations where one slurmdbd serves several
+        clusters; None: the associations of every cluster the database holds."""
         super().__init__(runner, command_timeout=command_timeout)
         self.use_sacct = use_sacct
+        self.cluster = cluster
 
     def submit_argv(self, request: JobRequest) -> list[str]:
         return ["sbatch", "--parsable"]
@@ -162,6 +180,44 @@ class SlurmAdapter(Adapter):
                 raise SchedulerUnavailable(f"slurm: unexpected squeue --start output {line!r}", result=result) from None
         return estimates
 
+    async def partitions(self) -> list[PartitionInfo]:
+        """Two calls: `scontrol show partition` for the limits, `sinfo --Node` for the nodes' CPUs, memory, GPUs and
+        states. SchedulerUnavailable when either fails."""
+        limits = await self._run(self.partitions_argv())
+        nodes = await self._run(self.nodes_argv())
+        for result in (limits, nodes):
+            if result.returncode != 0:
+                raise SchedulerUnavailable(f"slurm: {result.argv[0]} failed (exit {result.returncode}): "
+                                           f"{result.stderr.strip()}", reason=result.stderr.strip(), result=result)
+        return parse_partitions(limits.stdout, nodes.stdout)
+
+    def partitions_argv(self) -> list[str]:
+        return ["scontrol", "show", "partition", "--oneliner"]
+
+    def nodes_argv(self) -> list[str]:
+        # --all: the nodes of partitions hidden from, or closed to, the hub's own account too
+        return ["sinfo", "--all", "--Node", "--noheader", "--Format", _SINFO_FORMAT]
+
+    async def associations(self, user: str) -> Associations | None:
+        """`user`'s accounts and QOS from slurmdbd: two sacctmgr calls. None when Slurm keeps no accounting
+        database; SchedulerUnavailable when it has one that does not answer."""
+        if not _USER.fullmatch(user):
+            raise ValueError(f"not a user name: {user!r}")
+        assoc = await self._run(self.associations_argv(user))
+        if assoc.returncode != 0 and _NO_ACCOUNTING in assoc.stderr:
+            return None
+        _check_sacctmgr(assoc)
+        default = await self._run(["sacctmgr", "--noheader", "--parsable2", "show", "user", f"name={user}",
+                                   "format=User,DefaultAccount"])
+        _check_sacctmgr(default)
+        return parse_associations(user, assoc.stdout, default.stdout)
+
+    def associations_argv(self, user: str) -> list[str]:
+        argv = ["sacctmgr", "--noheader", "--parsable2", "show", "associations", f"users={user}"]
+        if self.cluster:
+            argv.append(f"clusters={self.cluster}")
+        return [*argv, "format=Account,QOS,DefaultQOS"]
+
     def tag_query_argv(self, tag: str) -> list[str]:
         # squeue cannot filter on the comment: one call lists every job's id and comment
         return ["squeue", "--noheader", "--states=all", "--Format", f"JobID:{_SEP},Comment:{_SEP}"]
@@ -217,6 +273,157 @@ class SlurmAdapter(Adapter):
         job_state = self.state_map.get(state, JobState.UNKNOWN)
         return JobStatus(job_id, job_state, native_state=state, reason="" if reason == "None" else reason,
                          nodes=expand_nodes(nodes), exit_code=exit_code if job_state.is_terminal else None)
+
+
+def parse_partitions(scontrol: str, sinfo: str) -> list[PartitionInfo]:
+    """`scontrol show partition --oneliner` and `sinfo --Node` (the adapter's format) as PartitionInfo, in
+    scontrol's order. Per-node figures are the largest node's, within the partition's MaxCPUsPerNode and
+    MaxMemPerNode (or MaxMemPerCPU times those CPUs)."""
+    nodes: dict[str, list[tuple[int | None, int | None, dict[str, int], bool]]] = {}
+    for line in sinfo.splitlines():
+        fields = line.split(_SEP)
+        if len(fields) != 7 or fields[6]:
+            raise SchedulerUnavailable(f"slurm: unexpected sinfo output {line!r}")
+        names, partition, cpus, memory, gres, state = fields[:6]
+        for _ in expand_nodes(names):
+            nodes.setdefault(partition, []).append((_number(cpus), _number(memory), parse_gres(gres),
+                                                    node_is_idle(state)))
+    partitions = []
+    for line in scontrol.splitlines():
+        words = scontrol_words(line)
+        if "PartitionName" not in words:
+            continue  # "No partitions in the system"
+        members = nodes.get(words["PartitionName"], [])
+        cores = _capped(max((c for c, _, _, _ in members if c is not None), default=None),
+                        _limit(words.get("MaxCPUsPerNode")))
+        memory = max((m for _, m, _, _ in members if m is not None), default=None)
+        if "MaxMemPerNode" in words:
+            memory = _capped(memory, _limit(words["MaxMemPerNode"]))
+        elif _limit(words.get("MaxMemPerCPU")) is not None and cores is not None:
+            memory = _capped(memory, _limit(words["MaxMemPerCPU"]) * cores)
+        gpus: dict[str, int] = {}
+        for _, _, node_gpus, _ in members:
+            for kind, count in node_gpus.items():
+                gpus[kind] = max(gpus.get(kind, 0), count)
+        partitions.append(PartitionInfo(
+            name=words["PartitionName"], default=words.get("Default") == "YES",
+            state=words.get("State", "UP").lower(), max_walltime_s=slurm_seconds(words.get("MaxTime", "")),
+            default_walltime_s=slurm_seconds(words.get("DefaultTime", "")), max_nodes=_limit(words.get("MaxNodes")),
+            max_cores_per_node=cores, max_memory_mb_per_node=memory, gpus=gpus,
+            nodes_total=_number(words.get("TotalNodes", "")) or len(members),
+            nodes_idle=sum(idle for _, _, _, idle in members),
+            allowed_accounts=_names(words.get("AllowAccounts", "ALL")),
+            allowed_groups=_names(words.get("AllowGroups", "ALL"))))
+    return partitions
+
+
+def scontrol_words(line: str) -> dict[str, str]:
+    """One `scontrol --oneliner` line as {Key: Value}. A value runs to the next " Key=": some hold spaces
+    (a node's OS=Linux 6.1 #1 SMP, a Reason)."""
+    return {match.group(1): match.group(2) for match in re.finditer(r"(?:^|(?<= ))([A-Za-z][A-Za-z0-9_:/]*)=(.*?)"
+                                                                     r"(?= +[A-Za-z][A-Za-z0-9_:/]*=|\s*$)", line)}
+
+
+def parse_gres(gres: str) -> dict[str, int]:
+    """A node's Gres ("gpu:a100:4(S:0-1),gpu:v100:2,mps:200", "gpu:2", "(null)") as GPUs per type, and "" for
+    all of its GPUs whatever their type."""
+    gpus: dict[str, int] = {}
+    for item in re.findall(r"(?:[^,(]|\([^)]*\))+", gres):
+        parts = re.sub(r"\(.*\)$", "", item).split(":")  # "(S:0-1)", "(IDX:0-3)": which sockets / devices
+        if parts[0] != "gpu":
+            continue
+        parts = [p for p in parts[1:] if p != "no_consume"]
+        count = _count(parts[-1]) if parts else 1
+        if count is None:    # "gpu:a100": one of that type
+            count, kind = 1, parts[-1]
+        else:
+            kind = parts[-2] if len(parts) > 1 else ""
+        if count:
+            gpus[""] = gpus.get("", 0) + count
+            if kind:
+                gpus[kind] = gpus.get(kind, 0) + count
+    return gpus
+
+
+def node_is_idle(state: str) -> bool:
+    """sinfo's StateComplete ("idle", "idle+drain", "idle*", "mixed"...): nothing runs on the node and a job
+    could start there now (not drained, down, reserved, planned, powered down, rebooting or unresponsive)."""
+    base, *flags = state.lower().split("+")
+    return base == "idle" and set(flags) <= _IDLE_FLAGS
+
+
+def slurm_seconds(text: str) -> int | None:
+    """A Slurm time limit ("01:00:00", "7-00:00:00", "30:00", "45", "2-12") in seconds; None for none
+    (UNLIMITED, NONE)."""
+    if text.upper() in _UNLIMITED:
+        return None
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if match is None:
+        raise SchedulerUnavailable(f"slurm: unexpected time limit {text!r}")
+    days, first, second, third = match.groups()
+    if days is not None:   # D-HH, D-HH:MM, D-HH:MM:SS
+        hours, minutes, seconds = int(first), int(second or 0), int(third or 0)
+    elif third is not None:  # HH:MM:SS
+        hours, minutes, seconds = int(first), int(second), int(third)
+    elif second is not None:  # MM:SS
+        hours, minutes, seconds = 0, int(first), int(second)
+    else:  # minutes
+        hours, minutes, seconds = 0, int(first), 0
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def parse_associations(user: str, associations: str, users: str) -> Associations:
+    """`sacctmgr -nP show associations ... format=Account,QOS,DefaultQOS` and `show user ...
+    format=User,DefaultAccount`: the user's accounts and QOS, each once, in sacctmgr's order."""
+    accounts: list[str] = []
+    qos: list[str] = []
+    default_qos = None
+    for line in associations.splitlines():
+        fields = line.split("|")
+        if len(fields) != 3:
+            raise SchedulerUnavailable(f"slurm: unexpected sacctmgr output {line!r}")
+        account, allowed, default = fields
+        if account and account not in accounts:
+            accounts.append(account)
+        qos.extend(q for q in allowed.split(",") if q and q not in qos)
+        default_qos = default_qos or default or None
+    default_account = next((fields[1] for fields in (line.split("|") for line in users.splitlines())
+                            if len(fields) == 2 and fields[0] == user and fields[1]), None)
+    return Associations(user, accounts=tuple(accounts), default_account=default_account, qos=tuple(qos),
+                        default_qos=default_qos)
+
+
+def _check_sacctmgr(result: CommandResult) -> None:
+    if result.returncode != 0:
+        text = result.stderr.strip()
+        raise SchedulerUnavailable(f"slurm: sacctmgr failed (exit {result.returncode}): {text}", reason=text,
+                                   result=result)
+
+
+def _limit(text: str | None) -> int | None:
+    """A count limit ("16", "UNLIMITED") as an int, None for no limit."""
+    return None if text is None or text.upper() in _UNLIMITED else _number(text)
+
+
+def _number(text: str) -> int | None:
+    return int(text) if text.isdigit() else None
+
+
+def _count(text: str) -> int | None:
+    """A gres count, with Slurm's K, M, G suffixes (powers of 1024); None when it is not a count."""
+    match = re.fullmatch(r"(\d+)([KMG]?)", text)
+    return None if match is None else int(match.group(1)) * 1024 ** " KMG".index(match.group(2) or " ")
+
+
+def _capped(value: int | None, cap: int | None) -> int | None:
+    if value is None:
+        return cap
+    return value if cap is None else min(value, cap)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """AllowAccounts / AllowGroups: () for everyone ("ALL")."""
+    return () if text.upper() in ("ALL", "") else tuple(n for n in text.split(",") if n)
 
 
 def expand_nodes(nodelist: str) -> tuple[str, ...]:

@@ -36,6 +36,29 @@ def test_slurm_directives_are_exactly_the_requested_ones():
     assert script.startswith("#!/bin/bash\n")
 
 
+def test_gpu_type_and_parallel_environment():
+    """Slurm names the GPU model in the gres; Grid Engine takes the slots from the chosen parallel environment;
+    PBS has no standard GPU model resource (sites name their own), so only ngpus."""
+    typed = JobRequest(name="n", tag="t", cores=4, nodes=2, gpus=2, gpu_type="a100", parallel_environment="orte")
+    directives = {template: [line for line in render(template, typed).splitlines() if line.startswith("#")]
+                  for template in ("slurm.sh.j2", "sge.sh.j2", "pbs.sh.j2")}
+    assert "#SBATCH --gres=gpu:a100:2" in directives["slurm.sh.j2"]
+    assert [d for d in directives["sge.sh.j2"] if d.startswith("#$ -pe")] == ["#$ -pe orte 8"]
+    assert "#PBS -l select=2:ncpus=4:ngpus=2" in directives["pbs.sh.j2"]
+    assert not any("a100" in d or "orte" in d for d in directives["pbs.sh.j2"])
+    one_slot = render("sge.sh.j2", JobRequest(name="n", tag="t", parallel_environment="smp"))
+    assert "#$ -pe smp 1\n" in one_slot
+    untyped = render("slurm.sh.j2", JobRequest(name="n", tag="t", gpus=1))
+    assert "#SBATCH --gres=gpu:1\n" in untyped
+
+
+@pytest.mark.parametrize("field", ["gpu_type", "parallel_environment"])
+def test_gpu_type_and_parallel_environment_are_words(field):
+    with pytest.raises(InvalidRequest) as err:
+        JobRequest(name="n", tag="t", **{field: "a100\n#SBATCH --qos=high"})
+    assert err.value.field == field
+
+
 def test_local_directives():
     script = render("local.sh.j2")
     assert [line for line in script.splitlines() if line.startswith("#LOCALQ")] == [

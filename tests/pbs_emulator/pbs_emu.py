@@ -1,19 +1,23 @@
-"""An emulation of PBS Professional's qsub, qstat and qdel, for hpchub's tests: no PBS package exists for Debian.
+"""An emulation of PBS Professional's qsub, qstat, qdel and pbsnodes, for hpchub's tests: no PBS package exists for
+Debian.
 
 Jobs really run. Once a job fits the one emulated execution node, it is handed to `schedulers.localq`, which runs
 it as a local process of the user who submitted it, ends it at its walltime and stops it on qdel (SIGTERM, then
 SIGKILL after kill_delay). What the commands print, and their exit statuses, follow PBS Professional 2022 and
-OpenPBS 22.05 (qstat.c, qdel.c, qsub.c, pbs_error.h, pbs_json.c); docs/pbs-emulation.md lists the sources and what
-is not emulated.
+OpenPBS 22.05 (qstat.c, qdel.c, qsub.c, pbsnodes.c, pbs_error.h, pbs_json.c); docs/pbs-emulation.md lists the
+sources and what is not emulated.
 
-Install with `python pbs_emu.py install DEST [options]`: DEST/bin gets qsub, qstat, qdel (their first line set to a
-Python that can import `schedulers`), this module, pbs_format.py and pbs.conf:
+Install with `python pbs_emu.py install DEST [options]`: DEST/bin gets qsub, qstat, qdel, pbsnodes (their first line
+set to a Python that can import `schedulers`), this module, pbs_format.py and pbs.conf:
 
     PBS_SERVER=pbsemu                  the server's name, in job ids ("12.pbsemu") and messages
     PBS_HOME=DEST/home                 the emulated server's state, below
-    PBS_EMU_QUEUES=workq,debug         the queues; the first is the default
+    PBS_EMU_QUEUES=workq,debug         the queues; the first is the server's default_queue
     PBS_EMU_NCPUS=8, PBS_EMU_NGPUS=0   the execution node's resources
+    PBS_EMU_MEM=16gb                   the execution node's memory
     PBS_EMU_KILL_DELAY=10              seconds from SIGTERM to SIGKILL (the queue's kill_delay)
+    PBS_EMU_QATTR.QUEUE.NAME=VALUE     a queue attribute, as `qmgr -c "set queue QUEUE NAME=VALUE"` would set it:
+                                       resources_max.walltime, resources_default.walltime, enabled, ...
 
 The commands read $PBS_CONF_FILE, as PBS does, or else the pbs.conf beside this module (sudo clears the
 environment). PBS_HOME holds:
@@ -55,12 +59,12 @@ from schedulers.local import ensure_spool
 
 PBS_VERSION = "2022.1.0 (hpchub emulator)"
 QUEUED_TICK_S = 0.25
-COMMANDS = ("qsub", "qstat", "qdel")
+COMMANDS = ("qsub", "qstat", "qdel", "pbsnodes")
 
 # PBS error numbers (pbs_error.h) and their texts; the commands exit with the number, which the shell sees
 # modulo 256 (15001 -> 153)
 PBSE_UNKJOBID, PBSE_PERM, PBSE_SYSTEM, PBSE_BADATVAL = 15001, 15007, 15010, 15014
-PBSE_UNKQUE, PBSE_UNKRESC, PBSE_HISTJOBID = 15018, 15035, 15139
+PBSE_UNKQUE, PBSE_QUNOENB, PBSE_UNKRESC, PBSE_EXCQRESC, PBSE_HISTJOBID = 15018, 15021, 15035, 15036, 15139
 # Exit_status values PBS sets itself (job.h)
 JOB_EXEC_FAIL1, JOB_EXEC_KILL_WALLTIME = -1, -29
 # substates of finished jobs (job.h): deleted, ended with status 0, ended otherwise
@@ -76,6 +80,11 @@ _JOB_RESOURCES = {"select", "place", "walltime", "ncpus", "ngpus", "mem"}
 _JOB_ID = re.compile(r"([0-9]+)(?:\.(.+))?")
 _SIZE = re.compile(r"([0-9]+)([kmgtp]?)([bw]?)", re.IGNORECASE)
 _WALLTIME = re.compile(r"(?:(?:([0-9]+):)?([0-9]+):)?([0-9]+)(?:\.[0-9]+)?")
+_QATTR = "PBS_EMU_QATTR."
+# resource groups of a queue, in the order qstat -Q prints them; the rest of its attributes come before them
+_QUEUE_RESOURCES = ("resources_max", "resources_min", "resources_default", "default_chunk", "resources_available")
+# resources_max checked at qsub, and how to read them
+_LIMITED = ("walltime", "ncpus", "ngpus", "mem", "nodect")
 
 
 class Fail(Exception):
@@ -93,7 +102,10 @@ class Config:
     queues: tuple[str, ...]
     ncpus: int
     ngpus: int
+    mem: str
     kill_delay: float
+    #: queue -> its attributes as qmgr sets them ("resources_max.walltime" -> "01:00:00")
+    queue_attributes: dict[str, dict[str, str]]
 
     @property
     def jobs(self) -> Path:
@@ -111,20 +123,25 @@ class Config:
 def load_config() -> Config:
     path = os.environ.get("PBS_CONF_FILE") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "pbs.conf")
     values = {}
+    queue_attributes: dict[str, dict[str, str]] = {}
     with open(path) as f:
         for line in f:
             key, eq, value = line.strip().partition("=")
-            if eq and not key.startswith("#"):
+            if eq and key.startswith(_QATTR):
+                queue, _, name = key[len(_QATTR):].partition(".")
+                queue_attributes.setdefault(queue, {})[name] = value.strip()
+            elif eq and not key.startswith("#"):
                 values[key.strip()] = value.strip()
     return Config(server=values["PBS_SERVER"], home=Path(values["PBS_HOME"]),
                   queues=tuple(q for q in values.get("PBS_EMU_QUEUES", "workq").split(",") if q),
                   ncpus=int(values.get("PBS_EMU_NCPUS", "8")), ngpus=int(values.get("PBS_EMU_NGPUS", "0")),
-                  kill_delay=float(values.get("PBS_EMU_KILL_DELAY", "10")))
+                  mem=values.get("PBS_EMU_MEM", "16gb"), kill_delay=float(values.get("PBS_EMU_KILL_DELAY", "10")),
+                  queue_attributes=queue_attributes)
 
 
 def main(command: str, args: Sequence[str]) -> int:
     try:
-        return {"qsub": qsub, "qstat": qstat, "qdel": qdel}[command](load_config(), list(args))
+        return {"qsub": qsub, "qstat": qstat, "qdel": qdel, "pbsnodes": pbsnodes}[command](load_config(), list(args))
     except Fail as e:
         print(e, file=sys.stderr)
         return e.errno & 0xFF
@@ -147,6 +164,7 @@ def qsub(cfg: Config, args: list[str]) -> int:
         raise Fail(f"Connection refused\nqsub: cannot connect to server {cfg.server} (errno={PBSE_SYSTEM})",
                    PBSE_SYSTEM)
     job = _new_job(cfg, merged, default_name, args)
+    _apply_queue(cfg, job)
     seq, job_dir = localq._allocate(str(cfg.jobs))  # the same atomic mkdir allocation as localq's ids
     os.chmod(job_dir, 0o755)  # at once: other users' commands read every job directory
     job_id = f"{seq}.{cfg.server}"
@@ -239,6 +257,29 @@ def _new_job(cfg: Config, options: dict[str, Any], default_name: str, args: Sequ
             "mail_users": options.get("M"), "rerunable": "False" if options.get("r") == "n" else "True",
             "ctime": int(time.time()), "variables": {k: v for k, v in environment.items() if v},
             "submit_arguments": " ".join(args), **_resources(options["l"])}
+
+
+def _apply_queue(cfg: Config, job: dict[str, Any]) -> None:
+    """What the server does with a job entering its queue: refuse it when the queue is not enabled or the job asks
+    for more than the queue's resources_max; give it the queue's resources_default.walltime when it asked none."""
+    attributes = cfg.queue_attributes.get(job["queue"], {})
+    if attributes.get("enabled", "True").lower() in ("false", "f", "0", "n"):
+        raise Fail("qsub: Queue is not enabled", PBSE_QUNOENB)
+    default = attributes.get("resources_default.walltime")
+    if job["walltime"] is None and default:
+        job["walltime"] = _seconds(default)
+        job["resources"] = dict(sorted({**job["resources"], "walltime": _hms(job["walltime"])}.items()))
+    requested = {"walltime": job["walltime"], "ncpus": job["ncpus"], "ngpus": job["ngpus"],
+                 "mem": sum(count * _bytes(chunk["mem"]) for count, chunk in job["chunks"] if "mem" in chunk),
+                 "nodect": sum(count for count, _ in job["chunks"])}
+    for name in _LIMITED:
+        limit = attributes.get(f"resources_max.{name}")
+        if limit is not None and requested[name] is not None and requested[name] > _amount(name, limit):
+            raise Fail("qsub: Job exceeds queue resource limits", PBSE_EXCQRESC)
+
+
+def _amount(name: str, value: str) -> int:
+    return _seconds(value) if name == "walltime" else _bytes(value) if name == "mem" else int(value)
 
 
 def _resources(requested: dict[str, str]) -> dict[str, Any]:
@@ -396,12 +437,13 @@ def _vnode_value(name: str, value: str) -> str:
 
 
 def _running(cfg: Config) -> list[dict[str, Any]]:
-    """The run records of the jobs that hold resources: started and not ended."""
+    """The run records of the jobs that hold resources (started and not ended), each with its job's "seq", in
+    submission order."""
     running = []
-    for name in os.listdir(cfg.jobs):
+    for name in sorted((n for n in os.listdir(cfg.jobs) if n.isdigit()), key=int):
         run = _read_json(cfg.jobs / name / "run.json")
         if run is not None and localq.status(cfg.spool, run["localq_id"])["state"] not in _LOCALQ_ENDED:
-            running.append(run)
+            running.append({**run, "seq": name})
     return running
 
 
@@ -543,13 +585,16 @@ def _exit_status(state: str, code: int | None, reason: str) -> tuple[int | None,
 
 def qstat(cfg: Config, args: list[str]) -> int:
     try:
-        pairs, operands = getopt.getopt(args, "fF:x")
+        pairs, operands = getopt.getopt(args, "BfF:Qx")
     except getopt.GetoptError as e:
-        raise Fail(f"qstat: {e} (hpchub's PBS emulator emulates qstat [-f [-F json]] [-x] [job_id...])", 2) from None
+        raise Fail(f"qstat: {e} (hpchub's PBS emulator emulates qstat [-f [-F json]] [-x] [job_id...] and "
+                   "qstat -Q|-B -f [-F json])", 2) from None
     flags = dict(pairs)
     output = flags.get("-F", "").lower()
     if output not in ("", "json") or (output and "-f" not in flags):
         raise Fail(f"qstat: -F {output} is not emulated; hpchub's PBS emulator emulates -f [-F json]", 2)
+    if "-Q" in flags or "-B" in flags:
+        return _qstat_server_or_queues(cfg, "Queue" if "-Q" in flags else "Server", flags, operands)
     history = "-x" in flags
     failed = 0
     jobs: list[pbs_format.Job] = []
@@ -581,12 +626,159 @@ def qstat(cfg: Config, args: list[str]) -> int:
         else:
             jobs.append((f"{match.group(1)}.{cfg.server}", attributes))
     if output == "json":
-        sys.stdout.write(pbs_format.json_document(int(time.time()), PBS_VERSION, cfg.server, jobs))
+        sys.stdout.write(pbs_format.json_document(int(time.time()), PBS_VERSION, cfg.server, "Jobs", jobs))
     elif "-f" in flags:
-        sys.stdout.write(pbs_format.full_text(jobs))
+        sys.stdout.write(pbs_format.full_text(jobs, header="Job Id: "))
     else:
         sys.stdout.write(pbs_format.table(jobs))
     return failed & 0xFF
+
+
+def _qstat_server_or_queues(cfg: Config, kind: str, flags: dict[str, str], operands: list[str]) -> int:
+    """`qstat -Q -f [-F json] [queue...]` and `qstat -B -f [-F json]`."""
+    if "-f" not in flags or "-x" in flags or (kind == "Server" and operands):
+        raise Fail(f"qstat: hpchub's PBS emulator emulates qstat -{kind[0]} -f [-F json]"
+                   f"{' [queue...]' if kind == 'Queue' else ''} only", 2)
+    if cfg.down:
+        sys.stdout.write(pbs_format.json_document(int(time.time()), PBS_VERSION, cfg.server, kind, [])
+                         if flags.get("-F") else "")
+        sys.stderr.write(f"Connection refused\nqstat: cannot connect to server {cfg.server} (errno={PBSE_SYSTEM})\n")
+        return -1 & 0xFF
+    jobs = _job_summaries(cfg)
+    failed = 0
+    if kind == "Server":
+        objects = [(cfg.server, server_attributes(cfg, jobs))]
+    else:
+        objects = []
+        for queue in operands or cfg.queues:
+            if queue.partition("@")[0] not in cfg.queues:
+                print(f"qstat: Unknown queue {queue}", file=sys.stderr)
+                failed = PBSE_UNKQUE
+            else:
+                objects.append((queue.partition("@")[0], queue_attributes(cfg, queue.partition("@")[0], jobs)))
+    if flags.get("-F"):
+        sys.stdout.write(pbs_format.json_document(int(time.time()), PBS_VERSION, cfg.server, kind, objects))
+    else:
+        sys.stdout.write(pbs_format.full_text(objects, header=f"{kind}: "))
+    return failed & 0xFF
+
+
+def _job_summaries(cfg: Config) -> list[dict[str, Any]]:
+    """Every job's queue, state and Resource_List, for the counts qstat -Q and -B show."""
+    summaries = []
+    for seq in sorted((n for n in os.listdir(cfg.jobs) if n.isdigit()), key=int):
+        attributes = job_attributes(cfg, seq)
+        if attributes is not None:
+            job = dict(attributes)
+            summaries.append({"queue": job["queue"], "state": job["job_state"], "resources": job["Resource_List"]})
+    return summaries
+
+
+def _state_count(jobs: list[dict[str, Any]]) -> str:
+    """"Transit:0 Queued:1 Held:0 Waiting:0 Running:2 Exiting:0 Begun:0 " (the trailing space is qstat's)."""
+    counts = {"T": 0, "Q": 0, "H": 0, "W": 0, "R": 0, "E": 0, "B": 0}
+    for job in jobs:
+        if job["state"] in counts:
+            counts[job["state"]] += 1
+    names = {"T": "Transit", "Q": "Queued", "H": "Held", "W": "Waiting", "R": "Running", "E": "Exiting", "B": "Begun"}
+    return "".join(f"{names[state]}:{count} " for state, count in counts.items())
+
+
+def _assigned(jobs: list[dict[str, Any]]) -> dict[str, str]:
+    """resources_assigned of the running jobs among `jobs`, as the server sums it."""
+    running = [job["resources"] for job in jobs if job["state"] in ("R", "E")]
+    mem = sum(_bytes(r["mem"]) for r in running if "mem" in r)
+    return {"mem": f"{mem // 1024}kb", "mpiprocs": "0", "ncpus": str(sum(int(r.get("ncpus", 0)) for r in running)),
+            "nodect": str(sum(int(r.get("nodect", 0)) for r in running))}
+
+
+def queue_attributes(cfg: Config, queue: str, jobs: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """A queue's attributes in qstat -Q -f's order: type, counts, the attributes set on it, its resource groups,
+    what its jobs hold, enabled and started."""
+    mine = [job for job in jobs if job["queue"] == queue and job["state"] != "F"]
+    configured = cfg.queue_attributes.get(queue, {})
+    attributes: list[tuple[str, Any]] = [("queue_type", "Execution")]
+    if "Priority" in configured:
+        attributes.append(("Priority", configured["Priority"]))
+    attributes += [("total_jobs", str(len(mine))), ("state_count", _state_count(mine))]
+    attributes += [(name, value) for name, value in configured.items()
+                   if "." not in name and name not in ("Priority", "enabled", "started")]
+    for group in _QUEUE_RESOURCES:
+        resources = {name.partition(".")[2]: value for name, value in sorted(configured.items())
+                     if name.startswith(f"{group}.")}
+        if resources:
+            attributes.append((group, resources))
+    attributes += [("resources_assigned", _assigned(mine)), ("enabled", configured.get("enabled", "True")),
+                   ("started", configured.get("started", "True"))]
+    return attributes
+
+
+def server_attributes(cfg: Config, jobs: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """The server's attributes in qstat -B -f's order (those a default installation sets)."""
+    unfinished = [job for job in jobs if job["state"] != "F"]
+    return [("server_state", "Active"), ("server_host", socket.gethostname()), ("scheduling", "True"),
+            ("total_jobs", str(len(unfinished))), ("state_count", _state_count(unfinished)),
+            ("default_queue", cfg.queues[0]), ("log_events", "511"), ("mail_from", "adm"),
+            ("query_other_jobs", "True"), ("resources_default", {"ncpus": "1"}), ("default_chunk", {"ncpus": "1"}),
+            ("resources_assigned", _assigned(unfinished)), ("scheduler_iteration", "600"), ("flatuid", "True"),
+            ("resv_enable", "True"), ("node_fail_requeue", "310"), ("max_array_size", "10000"),
+            ("pbs_license_min", "0"), ("pbs_license_max", "2147483647"), ("pbs_license_linger_time", "31536000"),
+            ("license_count", "Avail_Global:1000000 Avail_Local:1000000 Used:0 High_Use:0"),
+            ("pbs_version", PBS_VERSION.partition(" ")[0]), ("eligible_time_enable", "False"),
+            ("max_concurrent_provision", "5"), ("max_job_sequence_id", "9999999")]
+
+
+# ---- pbsnodes ---------------------------------------------------------------------------------------------
+
+def pbsnodes(cfg: Config, args: list[str]) -> int:
+    """`pbsnodes -a [-v] [-F json]`: the one execution node, this host."""
+    try:
+        pairs, operands = getopt.getopt(args, "avF:")
+    except getopt.GetoptError:
+        pairs, operands = [("-?", "")], []
+    flags = dict(pairs)
+    if "-a" not in flags or operands or set(flags) - {"-a", "-v", "-F"} or \
+            flags.get("-F", "json").lower() not in ("json", "default"):
+        raise Fail(f"usage:\t{sys.argv[0]} -a[v][S[j][L]][-F format][-D delim][-s server]\n"
+                   "(hpchub's PBS emulator emulates pbsnodes -a [-v] [-F json])", 1)
+    if cfg.down:
+        raise Fail(f"Connection refused\n{sys.argv[0]}: cannot connect to server {cfg.server}, error={PBSE_SYSTEM}",
+                   1)
+    node = socket.gethostname().split(".")[0]
+    attributes = node_attributes(cfg, node)
+    if flags.get("-F", "").lower() == "json":
+        sys.stdout.write(pbs_format.json_document(int(time.time()), PBS_VERSION, cfg.server, "nodes",
+                                                  [(node, attributes)]))
+    else:
+        sys.stdout.write(pbs_format.node_text([(node, attributes)]))
+    return 0
+
+
+def node_attributes(cfg: Config, node: str) -> list[tuple[str, Any]]:
+    """The execution node as pbs_server reports it: "free" while any CPU is, "job-busy" when all are assigned."""
+    running = _running(cfg)
+    ncpus = sum(run["ncpus"] for run in running)
+    ngpus = sum(run["ngpus"] for run in running)
+    available = {"arch": "linux", "host": node, "mem": f"{_bytes(cfg.mem) // 1024}kb", "ncpus": str(cfg.ncpus)}
+    if cfg.ngpus:
+        available["ngpus"] = str(cfg.ngpus)
+    available["vnode"] = node
+    changed = max((run["stime"] for run in running), default=int(cfg.home.stat().st_mtime))
+    attributes: list[tuple[str, Any]] = [
+        ("Mom", socket.gethostname()), ("Port", "15002"), ("pbs_version", PBS_VERSION.partition(" ")[0]),
+        ("ntype", "PBS"), ("state", "job-busy" if ncpus >= cfg.ncpus else "free"), ("pcpus", str(cfg.ncpus))]
+    if running:
+        # one entry per CPU a job holds, as the server sends it; pbs_format writes JSON with each job once
+        attributes.append(("jobs", ", ".join(f"{run['seq']}.{cfg.server}/{slot}" for run in running
+                                             for slot in range(run["ncpus"]))))
+    assigned = {"ncpus": str(ncpus)}
+    if ngpus:
+        assigned["ngpus"] = str(ngpus)
+    attributes += [("resources_available", available), ("resources_assigned", assigned), ("resv_enable", "True"),
+                   ("sharing", "default_shared"), ("last_state_change_time", str(changed))]
+    if running:
+        attributes.append(("last_used_time", str(changed)))
+    return attributes
 
 
 def _ours(cfg: Config, server: str | None) -> bool:
@@ -664,8 +856,8 @@ def _mtime(path: Path) -> int | None:
 
 # ---- installation -----------------------------------------------------------------------------------------
 
-def install(dest: Path, *, python: str, server: str, queues: Sequence[str], ncpus: int, ngpus: int,
-            kill_delay: float) -> Path:
+def install(dest: Path, *, python: str, server: str, queues: Sequence[str], ncpus: int, ngpus: int, mem: str,
+            kill_delay: float, queue_attributes: Sequence[str] = ()) -> Path:
     """Install the commands into DEST/bin, with DEST/home as PBS_HOME; returns DEST/bin. Everything is
     world-readable: the commands run as the users who submit."""
     here = Path(__file__).resolve().parent
@@ -680,14 +872,24 @@ def install(dest: Path, *, python: str, server: str, queues: Sequence[str], ncpu
     for module in ("pbs_emu.py", "pbs_format.py"):
         shutil.copyfile(here / module, bin_dir / module)
         (bin_dir / module).chmod(0o644)
+    settings = "".join(f"{_QATTR}{_queue_attribute(setting, queues)}\n" for setting in queue_attributes)
     (bin_dir / "pbs.conf").write_text(
         f"PBS_SERVER={server}\nPBS_HOME={home}\nPBS_EMU_QUEUES={','.join(queues)}\nPBS_EMU_NCPUS={ncpus}\n"
-        f"PBS_EMU_NGPUS={ngpus}\nPBS_EMU_KILL_DELAY={kill_delay:g}\n")
+        f"PBS_EMU_NGPUS={ngpus}\nPBS_EMU_MEM={mem}\nPBS_EMU_KILL_DELAY={kill_delay:g}\n{settings}")
     (bin_dir / "pbs.conf").chmod(0o644)
     for spool in ("jobs", "localq"):
         ensure_spool(str(home / spool))
     (home / "sched.lock").touch(0o644)
     return bin_dir
+
+
+def _queue_attribute(setting: str, queues: Sequence[str]) -> str:
+    """"debug:resources_max.walltime=01:00:00" -> "debug.resources_max.walltime=01:00:00", for a known queue."""
+    queue, colon, assignment = setting.partition(":")
+    name, eq, value = assignment.partition("=")
+    if not colon or not eq or queue not in queues or not name or not value:
+        raise SystemExit(f"--queue-attr {setting!r}: expected QUEUE:NAME=VALUE with QUEUE one of {', '.join(queues)}")
+    return f"{queue}.{name}={value}"
 
 
 def _install_main(argv: Sequence[str]) -> int:
@@ -699,10 +901,14 @@ def _install_main(argv: Sequence[str]) -> int:
     parser.add_argument("--queues", default="workq", help="comma-separated queue names; the first is the default")
     parser.add_argument("--ncpus", type=int, default=8, help="CPUs of the execution node")
     parser.add_argument("--ngpus", type=int, default=0, help="GPUs of the execution node")
+    parser.add_argument("--mem", default="16gb", help="memory of the execution node (a PBS size: 16gb, 512mb)")
+    parser.add_argument("--queue-attr", action="append", default=[], metavar="QUEUE:NAME=VALUE",
+                        help="a queue attribute, e.g. debug:resources_max.walltime=01:00:00 (repeat for more)")
     parser.add_argument("--kill-delay", type=float, default=10.0, help="seconds from SIGTERM to SIGKILL")
     args = parser.parse_args(argv)
     print(install(args.dest.resolve(), python=args.python, server=args.server, queues=args.queues.split(","),
-                  ncpus=args.ncpus, ngpus=args.ngpus, kill_delay=args.kill_delay))
+                  ncpus=args.ncpus, ngpus=args.ngpus, mem=args.mem, kill_delay=args.kill_delay,
+                  queue_attributes=args.queue_attr))
     return 0
 
 
@@ -710,5 +916,5 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["queued"] and len(sys.argv) == 3:
         sys.exit(_queued_main(sys.argv[2]))
     if sys.argv[1:2] != ["install"]:
-        sys.exit("usage: python pbs_emu.py install DEST [options]  (then run DEST/bin/qsub, qstat, qdel)")
+        sys.exit("usage: python pbs_emu.py install DEST [options]  (then run DEST/bin/qsub, qstat, qdel, pbsnodes)")
     sys.exit(_install_main(sys.argv[2:]))

@@ -1,17 +1,21 @@
-"""How PBS Professional's qstat prints jobs: `-f -F json`, `-f` and the default table.
+"""How PBS Professional's qstat prints jobs, queues and the server (`-f -F json`, `-f`, the default table for jobs),
+and how pbsnodes prints nodes (`-a -F json`, `-a`).
 
-A job is (job id, attributes); an attribute is (name, value) where the value is a string, or a dict for the
-attributes PBS splits into resources (Resource_List, resources_used, estimated) or variables (Variable_List).
-The server sends every value as a string; the writers decide, as qstat does, what is printed as a number.
+An object (a job, queue, server or node) is (name, attributes); an attribute is (name, value) where the value is a
+string, or a dict for the attributes PBS splits into resources (Resource_List, resources_max, resources_available...)
+or variables (Variable_List). The server sends every value as a string; the writers decide, as qstat and pbsnodes
+do, what is printed as a number.
 """
 from __future__ import annotations
 
 import re
+import time
 from typing import Mapping, Sequence, Union
 
 Value = Union[str, Mapping[str, str]]
 Attributes = Sequence[tuple[str, Value]]
 Job = tuple[str, Attributes]
+Object = tuple[str, Attributes]
 
 # qstat's JSON writer (src/lib/Libcmds/pbs_json.c before cJSON) prints a value bare when strtod() reads all
 # of it, so "12", "1e3", "inf", "0x1F" and even "" come out as JSON numbers; the rest is quoted.
@@ -23,20 +27,43 @@ _CONTROL_ESCAPES = str.maketrans({"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "
 _LINE_LIMIT = 78
 
 
-def json_document(timestamp: int, version: str, server: str, jobs: Sequence[Job]) -> str:
-    """`qstat -f -F json`: four-space indents, `"key":value`, and "Jobs" only when a job was found."""
+def json_document(timestamp: int, version: str, server: str, kind: str, objects: Sequence[Object]) -> str:
+    """`qstat -f -F json` ("Jobs"), `qstat -Q -f -F json` ("Queue"), `qstat -B -f -F json` ("Server"),
+    `pbsnodes -a -F json` ("nodes"): four-space indents, `"key":value`, and the `kind` member only when there is
+    an object."""
     top: list[tuple[str, object]] = [("timestamp", timestamp), ("pbs_version", version), ("pbs_server", server)]
-    if jobs:
-        top.append(("Jobs", {job_id: dict(attributes) for job_id, attributes in jobs}))
+    if objects:
+        convert = _node_json if kind == "nodes" else dict
+        top.append((kind, {name: convert(attributes) for name, attributes in objects}))
     return "{\n" + _json_members(top, 4) + "\n}\n"
+
+
+def _node_json(attributes: Attributes) -> dict[str, object]:
+    """pbsnodes' encode_to_json(): "jobs" ("1.s/0, 1.s/1, 2.s/2") becomes an array naming each job once, and
+    resources_assigned keeps only what is not zero."""
+    node: dict[str, object] = {}
+    for name, value in attributes:
+        if name == "jobs" and isinstance(value, str):
+            ids = [entry.strip().partition("/")[0] for entry in value.split(",")]
+            node[name] = [job for i, job in enumerate(ids) if i == 0 or job != ids[i - 1]]
+        elif name == "resources_assigned" and isinstance(value, Mapping):
+            node[name] = {k: v for k, v in value.items() if not v.startswith("0")}
+        else:
+            node[name] = value
+    return node
 
 
 def _json_members(members: Sequence[tuple[str, object]], indent: int) -> str:
     pad = " " * indent
     lines = []
     for key, value in members:
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and not value:
+            lines.append(f'{pad}"{key}":{{\n{pad}}}')  # generate_json() closes an empty object on the next line
+        elif isinstance(value, Mapping):
             lines.append(f'{pad}"{key}":{{\n{_json_members(list(value.items()), indent + 4)}\n{pad}}}')
+        elif isinstance(value, list):
+            items = ",\n".join(f'{pad}    "{item.translate(_CONTROL_ESCAPES)}"' for item in value)
+            lines.append(f'{pad}"{key}":[\n{items}\n{pad}]')
         elif isinstance(value, int):
             lines.append(f'{pad}"{key}":{value}')
         elif _STRTOD_WHOLE.fullmatch(value):
@@ -46,11 +73,12 @@ def _json_members(members: Sequence[tuple[str, object]], indent: int) -> str:
     return ",\n".join(lines)
 
 
-def full_text(jobs: Sequence[Job]) -> str:
-    """`qstat -f`: "Job Id: ID", one `    name[.resource] = value` per attribute, a blank line after each job."""
+def full_text(objects: Sequence[Object], header: str) -> str:
+    """`qstat -f` ("Job Id: "), `qstat -Q -f` ("Queue: "), `qstat -B -f` ("Server: "): the header and the name,
+    one `    name[.resource] = value` per attribute, a blank line after each object."""
     out = []
-    for job_id, attributes in jobs:
-        out.append(f"Job Id: {job_id}\n")
+    for job_id, attributes in objects:
+        out.append(f"{header}{job_id}\n")
         for name, value in attributes:
             if name == "Variable_List":
                 out.append(_wrapped(name, ",".join(f"{k}={v}" for k, v in value.items())) + "\n")
@@ -58,6 +86,23 @@ def full_text(jobs: Sequence[Job]) -> str:
                 out.extend(_wrapped(f"{name}.{resource}", text) + "\n" for resource, text in value.items())
             else:
                 out.append(_wrapped(name, value) + "\n")
+        out.append("\n")
+    return "".join(out)
+
+
+def node_text(nodes: Sequence[Object]) -> str:
+    """`pbsnodes -a`: the node's name, then `     name[.resource] = value` per attribute (the two times as ctime()
+    strings), a blank line after each node."""
+    out = []
+    for name, attributes in nodes:
+        out.append(f"{name}\n")
+        for attribute, value in attributes:
+            if isinstance(value, Mapping):
+                out.extend(f"     {attribute}.{resource} = {text}\n" for resource, text in value.items())
+            elif attribute in ("last_state_change_time", "last_used_time"):
+                out.append(f"     {attribute} = {time.ctime(int(value))}\n")
+            else:
+                out.append(f"     {attribute} = {value}\n")
         out.append("\n")
     return "".join(out)
 
