@@ -15,7 +15,7 @@ import socket
 import sys
 import tempfile
 import uuid
-from datetime import timezone
+from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 from urllib.parse import urlsplit
 
@@ -283,6 +283,7 @@ class BatchSpawner(Spawner):
         super().__init__(**kwargs)
         self._port: asyncio.Future[int] | None = None
         self._hub_gateway: HubGateway | None = None
+        self._tunnel_change: dict = {"last_change": None, "reason": ""}
         self._resume: tuple[str, str, str] | None = None
         self._adapter: Adapter | None = None
         #: set by auth_state_hook from the authenticator's auth_state (hpchub.ldap.PosixAccount)
@@ -652,8 +653,24 @@ class BatchSpawner(Spawner):
     def _proxy(self) -> Any:
         return self.user.settings.get("proxy") if self.user is not None else None
 
+    def tunnel_status(self) -> dict:
+        """The tunnel as the hub sees it now: {"mode": "direct"} or {"mode": "reverse", "up": bool,
+        "endpoint": "127.0.0.1:PORT" or None, "last_change": ISO time or None, "reason": why it went down}."""
+        if self.tunnel == "direct":
+            return {"mode": "direct"}
+        endpoint = None
+        if self._hub_gateway is not None and self.job_tag:
+            endpoint = self._hub_gateway.gateway.endpoint(self.job_tag)
+        return {"mode": "reverse", "up": endpoint is not None, "endpoint": str(endpoint) if endpoint else None,
+                **self._tunnel_change}
+
+    def _tunnel_changed(self, event: TunnelEvent) -> None:
+        self._tunnel_change = {"last_change": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "reason": event.reason}
+
     async def tunnel_up(self, event: TunnelEvent) -> None:
         """The job's tunnel came (back) up: once its server answers there, its route is restored."""
+        self._tunnel_changed(event)
         if self.pending or self.server is None or self._proxy is None:
             # starting: start() returns the endpoint; checked at the hub's start: get_url gives it. JupyterHub
             # adds the route then.
@@ -672,6 +689,7 @@ class BatchSpawner(Spawner):
     async def tunnel_down(self, event: TunnelEvent) -> None:
         """The job's tunnel is down: the route goes until it is back (the job's client reconnects)."""
         self.log.warning("Tunnel of job %s of %s is down (%s)", self.job_id, self._log_name, event.reason)
+        self._tunnel_changed(event)
         self._set_server_port(0)
         if not self.pending and self.server is not None and self._proxy is not None:
             await self._proxy.delete_user(self.user, self.name)
