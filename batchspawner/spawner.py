@@ -664,13 +664,13 @@ class BatchSpawner(Spawner):
         return {"mode": "reverse", "up": endpoint is not None, "endpoint": str(endpoint) if endpoint else None,
                 **self._tunnel_change}
 
-    def _tunnel_changed(self, event: TunnelEvent) -> None:
+    def _note_tunnel_event(self, event: TunnelEvent) -> None:
         self._tunnel_change = {"last_change": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                "reason": event.reason}
 
     async def tunnel_up(self, event: TunnelEvent) -> None:
         """The job's tunnel came (back) up: once its server answers there, its route is restored."""
-        self._tunnel_changed(event)
+        self._note_tunnel_event(event)
         if self.pending or self.server is None or self._proxy is None:
             # starting: start() returns the endpoint; checked at the hub's start: get_url gives it. JupyterHub
             # adds the route then.
@@ -689,7 +689,7 @@ class BatchSpawner(Spawner):
     async def tunnel_down(self, event: TunnelEvent) -> None:
         """The job's tunnel is down: the route goes until it is back (the job's client reconnects)."""
         self.log.warning("Tunnel of job %s of %s is down (%s)", self.job_id, self._log_name, event.reason)
-        self._tunnel_changed(event)
+        self._note_tunnel_event(event)
         self._set_server_port(0)
         if not self.pending and self.server is not None and self._proxy is not None:
             await self._proxy.delete_user(self.user, self.name)
