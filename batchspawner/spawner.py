@@ -14,6 +14,7 @@ import re
 import socket
 import sys
 import tempfile
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Awaitable, TypeVar
@@ -111,6 +112,20 @@ class BatchSpawner(Spawner):
     req_extra_directives = List(
         Unicode(),
         help="Admin-only scheduler directives added verbatim, one per entry, e.g. '--exclusive'.",
+    ).tag(config=True)
+
+    walltime_warnings = List(
+        Integer(min=1),
+        [900, 300],
+        help="Seconds before the job's walltime ends at which JupyterLab warns the user (hpchub's walltime "
+        "extension in the job); [] for none.",
+    ).tag(config=True)
+
+    walltime_signal_lead = Integer(
+        120,
+        min=0,
+        help="Seconds before the walltime ends at which the scheduler signals the job (Slurm --signal, Grid "
+        "Engine s_rt) so that the server shuts down cleanly, saving what it can; 0: no early signal.",
     ).tag(config=True)
 
     @validate("req_memory")
@@ -275,6 +290,9 @@ class BatchSpawner(Spawner):
     job_host = Unicode("")
     job_port = Integer(0)
     job_env_file = Unicode("")
+    #: the walltime asked for (0: the partition's default, not known here) and when the job started (epoch s)
+    job_walltime_s = Integer(0)
+    job_started = Float(0.0)
     #: the tunnel credential's public part (tunnel.credentials.CredentialStore.state), to restore it after
     #: a hub restart
     job_tunnel = Dict(None, allow_none=True)
@@ -299,6 +317,8 @@ class BatchSpawner(Spawner):
                          job_env_file=self.job_env_file)
             if self.job_tunnel:
                 state["job_tunnel"] = self.job_tunnel
+            if self.job_started:
+                state.update(job_started=self.job_started, job_walltime_s=self.job_walltime_s)
         return state
 
     def load_state(self, state: dict) -> None:
@@ -309,6 +329,8 @@ class BatchSpawner(Spawner):
         self.job_port = state.get("job_port", 0)
         self.job_env_file = state.get("job_env_file", "")
         self.job_tunnel = state.get("job_tunnel")
+        self.job_started = state.get("job_started", 0.0)
+        self.job_walltime_s = state.get("job_walltime_s", 0)
 
     def clear_state(self) -> None:
         super().clear_state()
@@ -368,9 +390,26 @@ class BatchSpawner(Spawner):
     def build_request(self, home: str) -> JobRequest:
         log_dir = self._format(self.job_log_dir, home)
         try:
-            return self._request(home, log_dir)
+            request = self._request(home, log_dir)
         except InvalidRequest as err:
             raise SpawnException(f"Cannot submit this job: {err}", reason="invalid-request") from err
+        self.job_walltime_s = request.walltime_s or 0
+        return request
+
+    def get_env(self) -> dict[str, str]:
+        env = super().get_env()
+        if self.job_walltime_s:
+            # for the walltime extension in the job's server (hpchub.walltime)
+            env["HPCHUB_WALLTIME_S"] = str(self.job_walltime_s)
+            env["HPCHUB_WALLTIME_WARNINGS"] = ",".join(str(s) for s in sorted(self.walltime_warnings, reverse=True))
+        return env
+
+    @property
+    def walltime_left_s(self) -> int | None:
+        """Seconds of walltime the running job has left (from when the hub saw it start), None if unknown."""
+        if not (self.job_started and self.job_walltime_s):
+            return None
+        return max(0, int(self.job_started + self.job_walltime_s - time.time()))
 
     def _request(self, home: str, log_dir: str) -> JobRequest:
         return JobRequest(
@@ -390,6 +429,7 @@ class BatchSpawner(Spawner):
             output=os.path.join(log_dir, "jupyterhub-%j.log"),
             env_setup=tuple(self.req_prologue),
             extra_directives=tuple(self.req_extra_directives),
+            signal_before_end_s=self.walltime_signal_lead or None,
         )
 
     def render_script(self, request: JobRequest) -> str:
@@ -479,6 +519,7 @@ class BatchSpawner(Spawner):
             await self._submit(home, request)
         try:
             status = await self._wait_until_running(request)
+            self.job_started = time.time()
             self.job_host = self.node_host(status)
             self._event(f"Job {self.job_id} is running on {self.job_host}; starting JupyterLab", 50)
             if self.tunnel == "reverse":
@@ -571,6 +612,8 @@ class BatchSpawner(Spawner):
         self.job_id = self.job_tag = self.job_host = self.job_env_file = ""
         self.job_port = 0
         self.job_tunnel = None
+        self.job_started = 0.0
+        self.job_walltime_s = 0
 
     async def _as_user(self, argv: list[str], what: str, *, stdin: str | None = None) -> None:
         """Run a file command as the job's user; failures become a SpawnException saying `what` failed."""

@@ -50,6 +50,11 @@ class HpcHub(JupyterHub):
     def _default_ip(self) -> str:
         return "127.0.0.1"
 
+    @default("template_paths")
+    def _default_template_paths(self) -> list[str]:
+        # hpchub's pages extend JupyterHub's (the home page shows the batch jobs' walltime left)
+        return [os.path.join(os.path.dirname(__file__), "templates")]
+
     @default("bind_url")
     def _bind_url_default(self) -> str:
         # the name overrides JupyterHub's own default method, which it also calls to compare against
@@ -85,6 +90,8 @@ class HpcHub(JupyterHub):
             proxy.pid_file = os.path.join(self.data_dir, "proxy.pid")
         if "ledger_url" not in self.config.BatchSpawner:
             self.config.BatchSpawner.ledger_url = "sqlite:///" + os.path.join(self.data_dir, "hpchub_ledger.sqlite")
+        if "tunnel_host_key_file" not in self.config.BatchSpawner:
+            self.config.BatchSpawner.tunnel_host_key_file = os.path.join(self.data_dir, "tunnel_host_key")
 
     async def init_spawners(self) -> int:
         detach_queued_spawns(self)
