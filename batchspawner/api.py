@@ -3,9 +3,9 @@
 - `POST /hub/api/batchspawner`: a job says, once, which port its single-user server listens on. Unlike
   upstream batchspawner's handler, which set any spawner attribute named in the request body, it accepts
   a fixed schema (`{"port": <int>}`), only from the token of a server whose spawn is pending.
-- `POST /hub/api/batchspawner/preview[?server_name=NAME]`: the job script that the user_options in the
-  body would submit for the user's server (the spawn form shows it), secrets redacted; 400 naming the
-  field when the options are refused.
+- `POST /hub/api/batchspawner/preview[?server_name=NAME][&user=NAME]`: the job script that the
+  user_options in the body would submit for the user's server (the spawn form shows it), secrets
+  redacted; 400 naming the field when the options are refused. Needs the `servers` scope on that server.
 """
 from __future__ import annotations
 
@@ -55,14 +55,18 @@ class PreviewHandler(APIHandler):
 
     @web.authenticated
     async def post(self) -> None:
-        user = self.current_user
-        if getattr(user, "kind", None) != "user":
-            raise web.HTTPError(403, "a preview is of a user's own server: authenticate as the user")
-        await self._preview(user_name=user.name, server_name=self.get_argument("server_name", ""))
+        current = self.current_user
+        # ?user=NAME: an admin on another user's spawn page previews that user's server
+        user_name = self.get_argument("user", current.name if getattr(current, "kind", None) == "user" else "")
+        if not user_name:
+            raise web.HTTPError(400, "name the user whose server this is: ?user=NAME")
+        await self._preview(user_name=user_name, server_name=self.get_argument("server_name", ""))
 
     @needs_scope("servers")
     async def _preview(self, user_name: str, server_name: str) -> None:
-        user = self.current_user
+        user = self.find_user(user_name)
+        if user is None:
+            raise web.HTTPError(404, f"no user {user_name!r}")
         if server_name and server_name not in user.orm_spawners:
             raise web.HTTPError(404, f"{user_name} has no server named {server_name!r}")
         spawner = user.spawners[server_name]

@@ -401,6 +401,7 @@ def render_form(
     partitions: Mapping[str, Sequence[PartitionInfo]],
     associations: Mapping[str, Associations | None],
     last: Mapping[str, Any] | None = None,
+    user_name: str = "",
     server_name: str = "",
     preview: str = "",
 ) -> str:
@@ -408,8 +409,8 @@ def render_form(
     profile, its editable fields with the bounds of the chosen partition (each partition option carries its
     own in `data-limits`, which the form's script applies when the partition changes), idle nodes per
     partition, the user's accounts and QOS, and a preview of the job script that the script refreshes
-    through the hub API (POST hub/api/batchspawner/preview). `last` (the previous user_options) pre-fills
-    it. Every value goes through autoescaping."""
+    through the hub API (POST hub/api/batchspawner/preview, for `user_name`'s server `server_name`).
+    `last` (the previous user_options) pre-fills it. Every value goes through autoescaping."""
     last = last if isinstance(last, Mapping) else {}
     names = [p.name for p in profiles]
     chosen = last.get("profile") if last.get("profile") in names else (names[0] if names else None)
@@ -417,8 +418,8 @@ def render_form(
                          last if p.name == chosen else {}) for p in profiles]
     clusters = list(dict.fromkeys(p.cluster.display_name for p in profiles))
     return _environment().get_template("options_form.html.j2").render(
-        sections=sections, chosen=chosen, several_clusters=len(clusters) > 1, server_name=server_name,
-        preview=preview,
+        sections=sections, chosen=chosen, several_clusters=len(clusters) > 1, user_name=user_name,
+        server_name=server_name, preview=preview,
     )
 
 

@@ -292,6 +292,27 @@ def test_an_explicit_jupyterhub_config_is_loaded_instead(hub: HpcHub, tmp_path: 
     assert hub.config.Spawner.default_url == "/other"
 
 
+def test_a_real_hub_runs_from_the_toml_file_and_the_python_file_beside_it(tmp_path: Path, proxy_installed):
+    from hubtools import HUB_BIN, Hub, _hub_env, free_port, hub_config
+
+    port, token = free_port(), "t" * 64
+    # the Python file (hubtools' test set-up: ports, data dir, an admin service) beside the TOML file
+    (tmp_path / "jupyterhub_config.py").write_text(hub_config("", port=port, service_token=token,
+                                                              data_dir=tmp_path / "data"))
+    (tmp_path / "hpchub.toml").write_text('[hub]\nauthenticator = "pam"\nadmin_users = ["alice"]\n'
+                                          'allowed_users = ["bob"]\n')
+    env = {**_hub_env(), "PYTHONPATH": os.environ.get("PYTHONPATH") or str(ROOT)}
+    hub = Hub(f"http://127.0.0.1:{port}", tmp_path, [str(HUB_BIN), "-f", str(tmp_path / "hpchub.toml")], env,
+              False, token)
+    hub.launch()
+    try:
+        users = {u["name"]: u["admin"] for u in hub.api("GET", "/users").json()}
+        assert users == {"alice": True, "bob": False}
+        assert "Loading " + str(tmp_path / "jupyterhub_config.py") in hub.log()
+    finally:
+        hub.stop()
+
+
 def test_a_broken_file_stops_the_hub_with_its_problems(tmp_path: Path):
     (tmp_path / "hpchub.toml").write_text('[hub]\nbind_url = "ftp://x"\n')
     result = run_hpchub("-f", str(tmp_path / "hpchub.toml"), cwd=tmp_path)

@@ -443,7 +443,7 @@ class PreviewSpawner(LocalBatchSpawner):
 
 def form(spawner):
     return render_form(visible_profiles(CATALOG.profiles, spawner.groups()), partitions=LIVE, associations={},
-                       last=spawner.user_options, server_name=spawner.name)
+                       last=spawner.user_options, user_name=spawner.user.name, server_name=spawner.name)
 
 
 c.JupyterHub.spawner_class = PreviewSpawner
@@ -491,6 +491,12 @@ def test_the_preview_endpoint_on_a_real_hub(preview_hub):
     assert forbidden.status_code == 400 and forbidden.json()["field"] == "profile"
     assert browser.api("POST", "/batchspawner/preview", json=["small"]).status_code == 400
     assert browser.api("POST", "/batchspawner/preview?server_name=nosuch", json={}).status_code == 404
+    assert browser.api("POST", "/batchspawner/preview?user=alice", json={}).status_code == 200
+    assert browser.api("POST", "/batchspawner/preview?user=bob", json={}).status_code == 404   # not hers
+    assert Page(page.text).one("div", id="hpchub-options")["data-user-name"] == "alice"
+    # a service with the servers scope (the tests' admin service) names the user
+    assert preview_hub.api("POST", "/batchspawner/preview?user=alice", json={}).status_code == 200
+    assert preview_hub.api("POST", "/batchspawner/preview", json={}).status_code == 400
 
     # a cookie without the XSRF token, or no credentials at all, gets nothing
     no_xsrf = browser.session.post(f"{preview_hub.url}/hub/api/batchspawner/preview", json={}, timeout=30)
