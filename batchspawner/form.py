@@ -153,30 +153,34 @@ def _live_cap(name: str, info: PartitionInfo | None, gpu_type: str | None) -> in
     if info is None:
         return None
     if name == "gpus":
-        # a scheduler that reports no GPUs at all may not report them: check_request has the last word
-        if not info.gpus:
-            return None
-        return info.gpus.get(gpu_type, 0) if gpu_type else max(info.gpus.values())
+        # per type; "" holds the most of any type; no entry: none
+        return info.gpus.get(gpu_type or "", 0)
+    if name == "nodes":
+        # a job asking for more nodes than the partition has would pend for ever
+        caps = [cap for cap in (info.max_nodes, info.nodes_total or None) if cap is not None]
+        return min(caps) if caps else None
     return {"walltime": info.max_walltime_s, "cores": info.max_cores_per_node,
-            "memory": info.max_memory_mb_per_node, "nodes": info.max_nodes}[name]
+            "memory": info.max_memory_mb_per_node}[name]
 
 
 def allowed_names(profile: Profile, partition: str | None, info: PartitionInfo | None,
                   associations: Associations | None) -> dict[str, tuple[str, ...] | None]:
     """For each name field (gpu_type, account, qos, parallel_environment) the values allowed now, or None
     where nothing restricts it (a free, pattern-checked text). Restrictions combine by intersection: the
-    admin's list for the partition, the user's associations, the partition's own list."""
+    admin's list for the partition, the user's associations, what the partition has (its GPU types and
+    parallel environments: none listed, none allowed; its accounts: none listed, any)."""
     policy = profile.cluster.policy(partition)
-    sources: dict[str, list[Sequence[str]]] = {
-        "gpu_type": [policy.gpu_types, tuple(k for k in info.gpus if k) if info and info.gpus else ()],
-        "account": [policy.accounts, associations.accounts if associations else (),
-                    info.allowed_accounts if info else ()],
-        "qos": [policy.qos, associations.qos if associations else ()],
-        "parallel_environment": [policy.parallel_environments, info.parallel_environments if info else ()],
+    sources: dict[str, list[Sequence[str] | None]] = {
+        "gpu_type": [policy.gpu_types or None, tuple(k for k in info.gpus if k) if info else None],
+        "account": [policy.accounts or None, associations.accounts if associations else None,
+                    info.allowed_accounts or None if info else None],
+        "qos": [policy.qos or None, associations.qos if associations else None],
+        "parallel_environment": [policy.parallel_environments or None,
+                                 info.parallel_environments if info else None],
     }
     allowed: dict[str, tuple[str, ...] | None] = {}
     for name, lists in sources.items():
-        known = [list(values) for values in lists if values]
+        known = [list(values) for values in lists if values is not None]
         allowed[name] = tuple(v for v in known[0] if all(v in other for other in known[1:])) if known else None
     return allowed
 

@@ -76,7 +76,7 @@ LIVE = {
         PartitionInfo("all.q", default=True, max_cores_per_node=8, parallel_environments=("make", "smp", "mpi"),
                       nodes_total=1, nodes_idle=1),
         PartitionInfo("short.q", max_walltime_s=600, max_cores_per_node=2, parallel_environments=("smp",),
-                      nodes_total=1, nodes_idle=0, state="drain"),
+                      nodes_total=1, nodes_idle=0),
     ],
 }
 ASSOCIATIONS = {"hpc": Associations("alice", accounts=("physics", "biology"), default_account="physics",
@@ -188,7 +188,7 @@ def test_form_from_two_partitions_and_three_profiles(profiles):
     # Grid Engine in its own terms: queue, slots, parallel environment; no QOS
     assert "<label class=\"form-label\" for=\"hpchub-grid-partition\">Queue</label>" in html
     assert "Slots (cores)" in html and "Parallel environment" in html and "grid.qos" not in html
-    assert page.option_text[("grid.partition", "short.q")] == "short.q: 0 of 1 nodes idle, drain, up to 00:10:00"
+    assert page.option_text[("grid.partition", "short.q")] == "short.q: 0 of 1 nodes idle, up to 00:10:00"
     assert page.options("grid.parallel_environment") == ["", "make", "smp", "mpi"]
     assert json.loads(page.one("option", value="short.q")["data-limits"])["allowed"]["parallel_environment"] == ["smp"]
     # a free text (pattern-checked) where nothing lists the values: Grid Engine projects
@@ -369,13 +369,59 @@ def test_a_fixed_value_equal_to_the_default_is_accepted(profiles):
 
 
 def test_a_default_beyond_a_live_limit_says_what_to_do(profiles):
-    live = {**LIVE, "grid": [PartitionInfo("all.q", default=True, max_walltime_s=60)]}
+    live = {**LIVE, "grid": [PartitionInfo("all.q", default=True, max_walltime_s=60, parallel_environments=("smp",))]}
     with pytest.raises(FormError) as err:
         validate_options({"profile": "grid"}, profiles=profiles, user_groups=["chem-lab"], partitions=live,
                          associations={})
     assert (err.value.field, err.value.message) == ("walltime", "00:05:00 is more than 00:01:00, the time limit of "
                                                     "queue 'all.q'; profile 'Grid shared memory' does not let you "
                                                     "change it: choose another profile or queue")
+
+
+def test_the_schedulers_own_checks_come_last(profiles):
+    # a drained queue takes no new job: only the scheduler's view (schedulers.limits.check_request) says so
+    live = {**LIVE, "grid": [LIVE["grid"][0], PartitionInfo("short.q", state="drain", parallel_environments=("smp",))]}
+    with pytest.raises(FormError) as err:
+        validate_options({"profile": "grid", "partition": "short.q"}, profiles=profiles, user_groups=["chem-lab"],
+                         partitions=live, associations={})
+    assert (err.value.field, err.value.message) == (
+        "partition", "'short.q' is not allowed (partition short.q is drain: a job submitted now cannot start)")
+
+
+GPU_CONFIG = {
+    "clusters": {"hpc": {"scheduler": "slurm", "partitions": {"gpu": {"gpu_types": ["a100", "v100", "h100"]},
+                                                               "cpu": {}}}},
+    "profiles": [{"name": "gpu", "partitions": ["gpu", "cpu"], "defaults": {"partition": "gpu", "gpus": 1},
+                  "user_editable": ["partition", "gpus", "gpu_type"]}],
+}
+GPU_LIVE = {"hpc": [PartitionInfo("gpu", gpus={"a100": 4, "v100": 2, "": 4}, nodes_total=2),
+                    PartitionInfo("cpu", default=True, gpus={}, nodes_total=4)]}
+
+
+def test_gpus_and_their_types_per_partition():
+    profiles = parse_catalog(GPU_CONFIG["clusters"], GPU_CONFIG["profiles"], source="test").profiles
+    page = Page(render_form(profiles, partitions=GPU_LIVE, associations={}))
+    assert page.one("input", name="gpu.gpus")["max"] == "4"
+    assert page.options("gpu.gpu_type") == ["", "a100", "v100"]       # h100: allowed, but the partition has none
+    assert json.loads(page.one("option", value="cpu")["data-limits"])["fields"]["gpus"]["max"] == 0
+
+    def check(**options):
+        return validate_options({"profile": "gpu", **options}, profiles=profiles, user_groups=[], partitions=GPU_LIVE,
+                                associations={})
+
+    assert check(gpus="2", gpu_type="v100").request["gpu_type"] == "v100"
+    for options, field, message in [
+        ({"gpus": 3, "gpu_type": "v100"}, "gpus", "3 is more than 2, the GPUs of the largest node in partition 'gpu'"),
+        ({"gpus": 5}, "gpus", "5 is more than 4, the GPUs of the largest node in partition 'gpu'"),
+        ({"gpu_type": "h100"}, "gpu_type", "'h100' is not available to you in partition 'gpu' (allowed: a100, v100)"),
+        ({"partition": "cpu", "gpu_type": "a100", "gpus": 0}, "gpu_type",
+         "'a100' is not available to you in partition 'cpu' (allowed: none)"),
+        ({"partition": "cpu"}, "gpus", "1 is more than 0, the GPUs of the largest node in partition 'cpu'"),
+    ]:
+        with pytest.raises(FormError) as err:
+            check(**options)
+        assert (err.value.field, err.value.message) == (field, message)
+    assert check(partition="cpu", gpus=0).request["gpus"] == 0
 
 
 def test_a_partition_gone_from_the_scheduler_is_refused(profiles):
