@@ -300,6 +300,11 @@ def _range(minimum: int, maximum: int | None) -> str:
     return f"{minimum} to {maximum}" if maximum is not None else f"a whole number >= {minimum}"
 
 
+def name_value(value: Any) -> str:
+    """A scheduler's name for something (queue, reservation, ClusterName): what JobRequest takes in a name."""
+    return str(parse_value(FIELDS["partition"], value))
+
+
 def field_value(spec: FieldSpec) -> Callable[[Any], int | str]:
     return lambda value: parse_value(spec, value)
 
@@ -370,6 +375,12 @@ class ClusterSpec:
     pbs_exec: str | None = "/opt/pbs"
     #: the local batch system's spool directory; "" for the spawner's default
     spool_dir: str = ""
+    #: Grid Engine: the queue of jobs that name none (the -q of the cluster's sge_request)
+    default_queue: str | None = None
+    #: Grid Engine: the consumable complex that counts GPUs
+    gpu_complex: str = "gpu"
+    #: Slurm: the ClusterName whose associations apply, where one slurmdbd serves several clusters
+    slurm_cluster: str | None = None
     command_timeout: float = 30.0
     #: the partitions (queues) offered, in order, with the admin's caps; empty: every partition the
     #: scheduler reports, with no caps but its own
@@ -382,6 +393,17 @@ class ClusterSpec:
     def fields(self) -> tuple[str, ...]:
         """The request fields this cluster's scheduler uses."""
         return SCHEDULER_FIELDS[self.scheduler]
+
+    def adapter_kwargs(self) -> dict[str, Any]:
+        """The scheduler-specific keyword arguments of this cluster's adapter (besides runner and
+        command_timeout)."""
+        if self.scheduler == "pbs":
+            return {"pbs_exec": self.pbs_exec}
+        if self.scheduler == "sge":
+            return {"default_queue": self.default_queue, "gpu_complex": self.gpu_complex}
+        if self.scheduler == "slurm":
+            return {"cluster": self.slurm_cluster}
+        return {"spool_dir": self.spool_dir} if self.spool_dir else {}
 
 
 @dataclass(frozen=True)
@@ -430,7 +452,11 @@ class Catalog:
 # --- parsing ---------------------------------------------------------------------------------------
 
 CLUSTER_KEYS = ("display_name", "scheduler", "runner", "ssh", "tunnel", "job_template", "job_template_dirs",
-                "pbs_exec", "spool_dir", "command_timeout", "partitions")
+                "pbs_exec", "spool_dir", "default_queue", "gpu_complex", "slurm_cluster", "command_timeout",
+                "partitions")
+# keys that only one scheduler uses
+SCHEDULER_KEYS = {"pbs_exec": "pbs", "spool_dir": "local", "default_queue": "sge", "gpu_complex": "sge",
+                  "slurm_cluster": "slurm"}
 SSH_KEYS = ("host", "port", "user", "known_hosts", "client_keys")
 TUNNEL_KEYS = ("mode", "gateway")
 POLICY_KEYS = ("max_walltime", "max_cores", "max_memory", "max_gpus", "gpu_types", "max_nodes", "accounts", "qos",
@@ -500,10 +526,9 @@ def _cluster(reader: Reader, name: str, table: Any) -> ClusterSpec | None:
     elif "ssh" in data:
         reader.problem(f"{key}.ssh", f'only used with runner = "ssh" (this cluster\'s runner is {show(runner)})')
     tunnel, gateway = _tunnel(reader, f"{key}.tunnel", data.get("tunnel", {}))
-    if scheduler != "pbs" and "pbs_exec" in data:
-        reader.problem(f"{key}.pbs_exec", 'only used with scheduler = "pbs"', data["pbs_exec"])
-    if scheduler != "local" and "spool_dir" in data:
-        reader.problem(f"{key}.spool_dir", 'only used with scheduler = "local"', data["spool_dir"])
+    for option, only in SCHEDULER_KEYS.items():
+        if option in data and scheduler is not None and scheduler != only:
+            reader.problem(f"{key}.{option}", f"only used with scheduler = {show(only)}", data[option])
     pbs_exec = reader.get(data, key, "pbs_exec", _pbs_exec, "/opt/pbs")
     partitions: dict[str, PartitionPolicy] = {}
     declared = data.get("partitions", {})
@@ -516,6 +541,9 @@ def _cluster(reader: Reader, name: str, table: Any) -> ClusterSpec | None:
             partitions[policy.name] = policy
     if scheduler == "local" and partitions:
         reader.problem(f"{key}.partitions", "the local batch system has no partitions")
+    default_queue = reader.get(data, key, "default_queue", name_value)
+    if default_queue is not None and partitions and default_queue not in partitions:
+        reader.problem(f"{key}.default_queue", "not one of the cluster's queues", default_queue, choices(partitions))
     cluster = ClusterSpec(
         name=name,
         display_name=reader.get(data, key, "display_name", text, name),
@@ -528,6 +556,9 @@ def _cluster(reader: Reader, name: str, table: Any) -> ClusterSpec | None:
         job_template_dirs=reader.get(data, key, "job_template_dirs", _path_list, ()),
         pbs_exec=pbs_exec or None,
         spool_dir=reader.get(data, key, "spool_dir", absolute_path, ""),
+        default_queue=default_queue,
+        gpu_complex=reader.get(data, key, "gpu_complex", name_value, "gpu"),
+        slurm_cluster=reader.get(data, key, "slurm_cluster", name_value),
         command_timeout=reader.get(data, key, "command_timeout", seconds, 30.0),
         partitions=partitions,
     )
@@ -703,7 +734,7 @@ def _profile(reader: Reader, key: str, table: Any, clusters: Mapping[str, Cluste
         env_setup=tuple(env_setup),
         command_prefix=prefix,
         extra_directives=reader.get(data, key, "extra_directives", line_list, ()),
-        reservation=reader.get(data, key, "reservation", field_value(FIELDS["partition"]), None),
+        reservation=reader.get(data, key, "reservation", name_value, None),
         constraint=reader.get(data, key, "constraint", _constraint, None),
     )
     return profile if len(reader.problems) == before else None

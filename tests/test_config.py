@@ -124,6 +124,12 @@ BROKEN = {
         ['profiles.p.user_editable = ["cores", "qos"]: Grid Engine jobs have no qos (allowed: partition, cores, '
          'memory, gpus, nodes, walltime, account, parallel_environment)'],
     ),
+    "another-schedulers-key": (
+        '[clusters.hpc]\nscheduler = "slurm"\ndefault_queue = "all.q"\n[clusters.grid]\nscheduler = "sge"\n'
+        'default_queue = "long.q"\n[clusters.grid.partitions."all.q"]\n[profiles.p]\ncluster = "grid"\n',
+        ['clusters.hpc.default_queue = "all.q": only used with scheduler = "sge"',
+         'clusters.grid.default_queue = "long.q": not one of the cluster\'s queues (allowed: "all.q")'],
+    ),
     "ssh-without-host": (
         '[clusters.hpc]\nscheduler = "slurm"\nrunner = "ssh"\n[profiles.p]\n',
         ['clusters.hpc.ssh: missing: runner = "ssh" needs a [clusters.hpc.ssh] table with host, user, known_hosts '
@@ -248,6 +254,9 @@ def test_the_file_becomes_traitlets_config(tmp_path: Path):
     assert config.BatchSpawner.profiles[0]["defaults"] == {"cores": 1, "memory": "2G", "walltime": "00:30:00"}
     catalog = parse_catalog(config.BatchSpawner.clusters, config.BatchSpawner.profiles, source="BatchSpawner")
     assert catalog.profiles[0].bounds["walltime"].max == 3600 and catalog.profiles[1].cluster.scheduler == "sge"
+    # what each cluster's adapter is made with, besides its runner and command_timeout
+    assert catalog.clusters["hpc"].adapter_kwargs() == {"cluster": None}
+    assert catalog.clusters["grid"].adapter_kwargs() == {"default_queue": None, "gpu_complex": "gpu"}
 
 
 def test_ldap_settings_are_checked_together(tmp_path: Path):
