@@ -63,7 +63,11 @@ _LDAP_TRAITS = ("server_urls", "tls_mode", "allow_plaintext", "ca_file", "connec
                 "group_membership", "group_name_attribute", "nested_group_depth")
 _SPAWNER_TRAITS = {"queue_timeout": "BatchSpawner", "server_start_timeout": "BatchSpawner",
                    "job_poll_interval": "BatchSpawner", "max_concurrent_submissions": "BatchSpawner",
-                   "job_log_dir": "BatchSpawner", "job_run_dir": "BatchSpawner", "default_url": "Spawner"}
+                   "job_log_dir": "BatchSpawner", "job_run_dir": "BatchSpawner", "default_url": "Spawner",
+                   "tunnel_gateway_ip": "BatchSpawner", "tunnel_host_key_file": "BatchSpawner",
+                   "tunnel_ssh_client": "BatchSpawner", "tunnel_keepalive_interval": "BatchSpawner",
+                   "tunnel_reconnect_timeout": "BatchSpawner", "walltime_warnings": "BatchSpawner",
+                   "walltime_signal_lead": "BatchSpawner"}
 
 SETTINGS: dict[str, Setting] = {
     **{s.key: s for s in _hub_settings().values()},
