@@ -15,7 +15,7 @@ import sys
 
 from jupyterhub.app import JupyterHub
 from jupyterhub.app import aliases as hub_aliases
-from traitlets import Dict, Unicode, default
+from traitlets import Dict, Integer, Unicode, default
 from traitlets.config import catch_config_error
 
 from batchspawner import LocalBatchSpawner
@@ -23,6 +23,7 @@ from batchspawner.profiles import ConfigError
 
 from . import __version__
 from .config import check, example_text, load
+from .culling import SERVICE_NAME as CULLER, culler_role, culler_service
 from .demo import DemoAuthenticator
 from .reconcile import detach_queued_spawns, reconcile
 
@@ -65,6 +66,23 @@ class HpcHub(JupyterHub):
     data_dir = Unicode(
         help="Directory for the hub's database, cookie secret and pid files "
         "(default: $HPCHUB_DATA_DIR, else /var/lib/hpchub as root, else ~/.local/share/hpchub).",
+    ).tag(config=True)
+
+    cull_idle_timeout = Integer(
+        3600,
+        min=0,
+        help="Stop a server whose user has been inactive this many seconds (its batch job is cancelled, "
+        "freeing the node). Pending servers are never culled; a busy kernel counts as activity. 0: no idle "
+        "culling. Runs jupyterhub-idle-culler as a hub-managed service.",
+    ).tag(config=True)
+
+    cull_every = Integer(300, min=1, help="Seconds between two passes of the idle culler.").tag(config=True)
+
+    cull_max_age = Integer(
+        0,
+        min=0,
+        help="Stop servers older than this many seconds even if active (0: no maximum age); the scheduler's "
+        "walltime limits them anyway.",
     ).tag(config=True)
 
     @default("data_dir")
@@ -140,6 +158,14 @@ class HpcHub(JupyterHub):
             self.config.BatchSpawner.ledger_url = "sqlite:///" + os.path.join(self.data_dir, "hpchub_ledger.sqlite")
         if "tunnel_host_key_file" not in self.config.BatchSpawner:
             self.config.BatchSpawner.tunnel_host_key_file = os.path.join(self.data_dir, "tunnel_host_key")
+        self._add_idle_culler()
+
+    def _add_idle_culler(self) -> None:
+        if not self.cull_idle_timeout or any(s.get("name") == CULLER for s in self.services):
+            return
+        self.services = [*self.services, culler_service(timeout=self.cull_idle_timeout, every=self.cull_every,
+                                                        max_age=self.cull_max_age)]
+        self.load_roles = [*self.load_roles, culler_role()]
 
     def _load_toml(self, filename: str) -> None:
         """The TOML file, then the jupyterhub_config.py that goes with it; the command line wins over both."""

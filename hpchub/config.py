@@ -25,7 +25,7 @@ else:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
 from batchspawner.profiles import (SCHEDULER_NAMES, Catalog, ConfigError, Problem, Reader, absolute_path, choices,
-                                   one_of, parse_catalog, show)
+                                   one_of, parse_catalog, show, whole)
 
 SECTIONS = ("hub", "ldap", "spawner", "clusters", "profiles")
 AUTHENTICATORS = {
@@ -51,7 +51,8 @@ def _hub_settings() -> dict[str, Setting]:
         "ledger_url": "BatchSpawner.ledger_url", "authenticator": "JupyterHub.authenticator_class",
         "admin_users": "Authenticator.admin_users", "allowed_users": "Authenticator.allowed_users",
         "admin_groups": "LDAPAuthenticator.admin_groups", "allowed_groups": "LDAPAuthenticator.allowed_groups",
-        "enable_auth_state": "Authenticator.enable_auth_state",
+        "enable_auth_state": "Authenticator.enable_auth_state", "cull_idle_timeout": "HpcHub.cull_idle_timeout",
+        "cull_every": "HpcHub.cull_every", "cull_max_age": "HpcHub.cull_max_age",
     }
     return {k: Setting(f"hub.{k}", v) for k, v in targets.items()}
 
@@ -210,6 +211,10 @@ def _hub(reader: Reader, hub: Mapping[str, Any], config: Config) -> str:
     auth_state = reader.get(hub, "hub", "enable_auth_state", _bool)
     if auth_state is not None:
         config.Authenticator.enable_auth_state = auth_state
+    for name, lowest in (("cull_idle_timeout", 0), ("cull_every", 1), ("cull_max_age", 0)):
+        seconds = reader.get(hub, "hub", name, whole(lowest))
+        if seconds is not None:
+            config.HpcHub[name] = seconds
     return authenticator or "demo"
 
 
