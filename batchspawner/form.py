@@ -286,7 +286,8 @@ def _screen(options: Any) -> dict[str, Any]:
         raise FormError("user_options", f"expected an object of fields, got {_kind(options)}")
     given: dict[str, Any] = {}
     for key, value in options.items():
-        name = key if isinstance(key, str) and not CONTROL.search(key) and len(key) <= 64 else repr(key)[:64]
+        # a name that cannot be shown as it is (empty, control characters, too long) is named by its repr
+        name = key if isinstance(key, str) and key and not CONTROL.search(key) and len(key) <= 64 else repr(key)[:64]
         if name in ADMIN_ONLY:
             raise FormError(name, "set by the administrators only (user options: " + ", ".join(USER_FIELDS) + ")")
         if name not in USER_FIELDS:

@@ -127,7 +127,7 @@ def parse_value(spec: FieldSpec, value: Any) -> int | str:
         raise ValueError(f"expected a whole number or text, got {_type_name(value)}", _NUMBER_FORMS[spec.kind])
     text = str(value).strip()
     if spec.kind == "count":
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):     # isdigit alone takes '¹', which int() refuses
             raise ValueError("not a whole number", _NUMBER_FORMS["count"])
         number = int(text)
     else:
