@@ -320,7 +320,7 @@ def test_template_directives():
         "#PBS -l place=scatter", "#PBS -l walltime=01:30:00", "#PBS -q debug", "#PBS -A physics", "#PBS -j oe",
         "#PBS -o /home/alice/.hpchub/logs/", "#PBS -m n",
     ]
-    body = lines[lines.index("umask 077") + 1:]
+    body = lines[lines.index("export HPCHUB_JOB_STARTED") + 1:]
     assert body[:3] == ['exec >/home/alice/.hpchub/logs/jupyterhub-"$PBS_JOBID".log 2>&1', "cd /home/alice",
                         "module load python/3.11"]
     reserved = render_job_script("pbs.sh.j2", JobRequest(name="n", tag="t", partition="debug", reservation="R42",

@@ -178,8 +178,12 @@ class AsyncsshTunnel:
                 keepalive_interval=o.keepalive, keepalive_count_max=o.keepalive_count)
         except ssh.HostKeyNotVerifiable as e:
             raise FatalTunnelError(f"the gateway's host key does not match {o.known_hosts}: {e.reason}") from e
-        except (OSError, ssh.Error, asyncio.TimeoutError) as e:
-            raise TunnelError(f"cannot connect to {_fmt(o.gateway)}: {getattr(e, 'reason', None) or e}") from e
+        except asyncio.TimeoutError as e:
+            raise TunnelError(f"cannot connect to {_fmt(o.gateway)}: no answer within 10 s (a firewall dropping "
+                              "the connection, or the wrong address)") from e
+        except (OSError, ssh.Error) as e:
+            raise TunnelError(f"cannot connect to {_fmt(o.gateway)}: "
+                              f"{getattr(e, 'reason', None) or e or type(e).__name__}") from e
         try:
             if o.local_is_path:
                 await conn.forward_remote_port_to_path(*REVERSE_PLACEHOLDER, o.local)
@@ -423,6 +427,7 @@ async def run(opts: Options, mode: str, command: list[str]) -> int:
             status = 128 + stop_signal[0]
             log(f"stopping on signal {stop_signal[0]}")
             if child is not None:       # the command's own exit is the job's: 0 when it shut down cleanly
+                keeper.cancel()         # no reconnecting while the command stops (its credential may be revoked)
                 await terminate(child)
                 status = child.returncode if child.returncode >= 0 else 128 - child.returncode
                 log(f"{command[0]} exited with status {status}")
