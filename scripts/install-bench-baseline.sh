@@ -21,7 +21,8 @@ if [[ -s $STAMP ]] && cat "$REQS" "$REPO/scripts/constraints.txt" | cmp -s - "$S
 fi
 [[ -x $VENV/bin/python ]] || { log "creating $VENV from /usr/bin/python3"; /usr/bin/python3 -m venv "$VENV"; }
 log "installing $(grep -v '^#' "$REQS" | paste -sd ' ') into $VENV"
-timeout 900 "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQS" -c "$REPO/scripts/constraints.txt"
+timeout 900 "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQS" -c "$REPO/scripts/constraints.txt" \
+  2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 chmod -R a+rX "$VENV"
 cat "$REQS" "$REPO/scripts/constraints.txt" >"$STAMP"
 log "done: $("$VENV/bin/python" -c 'import importlib.metadata as m; print(*(f"{p} {m.version(p)}" for p in ("jupyterhub", "batchspawner", "matplotlib")), sep=", ")')"
