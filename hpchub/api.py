@@ -38,8 +38,10 @@ from schedulers import JobRequest, JobState, JobStatus, SchedulerError
 
 #: a status view accepts scheduler state this old (seconds) before asking the poller for a fresh one
 LIVE_MAX_AGE = 10.0
-#: a probe wants the scheduler's answer of now
-PROBE_MAX_AGE = 1.0
+#: a probe wants the scheduler's answer of now (requests arriving together still share one query)
+PROBE_MAX_AGE = 0.0
+#: the freshest a status view may ask for
+MIN_MAX_AGE = 1.0
 MAX_LOG_LINES = 5000
 #: bytes of the end of a job log read for `log` (whatever the line count): a log of long lines stays bounded
 MAX_LOG_BYTES = 2 * 1024 * 1024
@@ -415,7 +417,7 @@ class HpcHubAPIHandler(APIHandler):
             age = float(self.get_argument("max_age", str(LIVE_MAX_AGE)))
         except ValueError:
             raise web.HTTPError(400, "max_age: a number of seconds") from None
-        return min(max(age, PROBE_MAX_AGE), 3600.0)
+        return min(max(age, MIN_MAX_AGE), 3600.0)
 
     async def record_for(self, spawner: BatchSpawner) -> JobRecord | None:
         """The ledger row of the server's current job, else of its latest."""

@@ -8,8 +8,8 @@ The hub: --url, else $HPCHUB_URL, else $JUPYTERHUB_API_URL (set inside a server)
 ~/.config/hpchub/url, else http://127.0.0.1:8000. The token: --token-file, else $HPCHUB_API_TOKEN, else
 $JUPYTERHUB_API_TOKEN (inside a server), else ~/.config/hpchub/token (readable by its owner only).
 
-Exit status: 0 ready (the server, or any of the user's, is ready; with --probe: every hop passed), 1 not ready or
-no server, 2 the hub could not be asked (unreachable, refused the token, no such user or server, bad usage),
+Exit status: 0 ready (the server, or any of the user's, is ready and reachable: its tunnel up, its proxy route
+present; with --probe: every hop passed), 1 not ready or no server, 2 the hub could not be asked (unreachable, refused the token, no such user or server, bad usage),
 3 --probe found a broken hop.
 """
 from __future__ import annotations
@@ -179,6 +179,14 @@ def _route(model: dict) -> str:
     return f"{route['path']} -> {route['target']}{mark}"
 
 
+def reachable(model: dict) -> bool:
+    """Ready in the hub, and the path there open: the job's tunnel up (reverse mode), the proxy's route present."""
+    tunnel = model.get("tunnel") or {}
+    route = model.get("route")
+    return bool(model.get("ready") and not (tunnel.get("mode") == "reverse" and not tunnel.get("up"))
+                and (route is None or route["present"]))
+
+
 def _state(model: dict) -> str:
     job = model.get("job") or {}
     state = job.get("state") or ""
@@ -186,8 +194,10 @@ def _state(model: dict) -> str:
         state += f" ({job['native_state']})"
     if model.get("pending"):
         state += f", hub: {model['pending']} pending"
-    elif model.get("ready"):
+    elif reachable(model):
         state += ", ready"
+    elif model.get("ready"):
+        state += ", ready in the hub but not reachable"
     return state
 
 
@@ -309,7 +319,7 @@ def exit_status(document: dict[str, Any], server: str | None) -> int:
     servers = document["servers"]
     if server is not None:
         servers = [s for s in servers if (s.get("name") or "") == server]
-    return EXIT_READY if any(s.get("ready") for s in servers) else EXIT_NOT_READY
+    return EXIT_READY if any(reachable(s) for s in servers) else EXIT_NOT_READY
 
 
 def show(console: Console, document: dict[str, Any], *, all_users: bool) -> None:

@@ -72,6 +72,9 @@ def test_hub_url_and_token_come_from_flags_environment_then_files(tmp_path, monk
 
 def test_exit_status_of_a_view():
     ready, waiting = {"name": "", "ready": True}, {"name": "gpu", "ready": False}
+    cut_off = {"name": "", "ready": True, "tunnel": {"mode": "reverse", "up": False}}
+    unrouted = {"name": "", "ready": True, "route": {"present": False}}
+    assert status.exit_status({"servers": [cut_off, unrouted]}, None) == status.EXIT_NOT_READY
     assert status.exit_status({"servers": [ready, waiting]}, None) == status.EXIT_READY
     assert status.exit_status({"servers": [ready, waiting]}, "gpu") == status.EXIT_NOT_READY
     assert status.exit_status({"servers": []}, None) == status.EXIT_NOT_READY
@@ -241,3 +244,131 @@ def _fail_named(hub: Hub, browser: Browser) -> str:
                 if event.get("failed"):
                     return event["message"]
     raise AssertionError("the progress stream ended without a failure")
+
+
+# --- --probe ------------------------------------------------------------------------------------------------------
+
+# a site template whose job outlives its server (the default one execs the server: killing it ends the job, which
+# the probe reports as the scheduler hop, with the signal)
+OUTLIVES_ITS_SERVER = """{% extends "slurm.sh.j2" %}
+{% block start %}
+{% for word in command %}{{ word|sh }} {% endfor %}&
+wait $! || echo "hpchub-test: the server ended with status $?; the job goes on"
+sleep 600
+{% endblock %}
+"""
+
+
+def spawn_named_until_ready(hub: Hub, browser: Browser, user: str, name: str, timeout: float = 120) -> dict:
+    response = browser.api("POST", f"/users/{user}/servers/{name}")
+    assert response.status_code in (201, 202), response.text
+
+    def ready() -> dict | None:
+        server = user_model(hub, user)["servers"].get(name)
+        if server is None:
+            raise AssertionError(f"the spawn of {name} failed:\n{hub.log()[-3000:]}")
+        return server if server["ready"] else None
+
+    return wait_for(ready, timeout, f"{user}'s server {name} to be ready", interval=0.25)
+
+
+def probe(hub: Hub, target: str) -> tuple[int, dict, str]:
+    """(exit status, the probe's JSON, the table the person sees)."""
+    code, document = status_json(hub, target, "--probe")
+    table = run_status(hub, target, "--probe")
+    assert table.returncode == code, (table.stdout, table.stderr)
+    return code, document["probe"], table.stdout
+
+
+def test_probe_names_the_cancelled_job_and_the_killed_server(hubs, tmp_path):
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "outlives.sh.j2").write_text(OUTLIVES_ITS_SERVER)
+    hub = hubs(f"""
+c.JupyterHub.spawner_class = "slurm"
+c.JupyterHub.allow_named_servers = True
+c.Spawner.poll_interval = 3600
+c.BatchSpawner.job_template = "outlives.sh.j2"
+c.BatchSpawner.job_template_dirs = [{str(templates)!r}]
+""")
+    browser = Browser(hub.url)
+    browser.login("alice", PASSWORD)
+    killed = spawn_until_ready(hub, browser, "alice")["state"]["job_id"]
+    cancelled = spawn_named_until_ready(hub, browser, "alice", "other")["state"]["job_id"]
+
+    code, result, table = probe(hub, "alice/")
+    assert code == 0 and result["ok"] and result["failed"] is None, result
+    assert [hop["name"] for hop in result["hops"]] == ["scheduler", "server", "route", "http"]
+    assert all(hop["ok"] for hop in result["hops"]) and "every hop answers" in table
+
+    # (a) the job cancelled behind the hub's back
+    subprocess.run(["scancel", cancelled], check=True, timeout=30)
+    wait_for(lambda: squeue_state(cancelled) in ("", "CANCELLED"), 30, f"job {cancelled} to end", 0.2)
+    code, result, table = probe(hub, "alice/other")
+    assert code == status.EXIT_BROKEN and result["failed"] == "scheduler", json.dumps(result, indent=1)
+    assert f"job {cancelled} ended: CANCELLED" in result["hops"][0]["detail"] and "Start a new server" in result["fix"]
+    assert "broken hop: scheduler" in table and "CANCELLED" in table
+
+    # (c) the server process killed, its job still running
+    [pid] = [pid for pid, env in singleuser_processes(Path("/home/alice").stat().st_uid)
+             if env.get("SLURM_JOB_ID") == killed]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "the server process to go")
+    code, result, table = probe(hub, "alice/")
+    assert code == status.EXIT_BROKEN and result["failed"] == "server", result
+    assert result["hops"][0]["ok"] and squeue_state(killed) == "RUNNING"
+    assert "nothing accepts connections" in result["hops"][1]["detail"] and "log" in result["fix"]
+    assert "broken hop: server" in table
+    assert not result["hops"][3]["ok"], "the proxy's answer without a server cannot be 200"
+
+
+@pytest.fixture
+def gateway_blocked():
+    """block(port) drops the node's packets to the hub's gateway port (a table of the test's own in the host's
+    nftables), so that its tunnel cannot come back; removed at the end."""
+    tables: list[str] = []
+
+    def block(port: int) -> None:
+        table = f"hpchub_status_test_{port}"
+        rules = (f"table inet {table} {{\n chain input {{\n  type filter hook input priority -10; policy accept;\n"
+                 f"  ip saddr {NODE_ADDR} tcp dport {port} drop\n }}\n}}\n")
+        subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, timeout=30)
+        tables.append(table)
+
+    def unblock() -> None:
+        while tables:
+            subprocess.run(["nft", "delete", "table", "inet", tables.pop()], capture_output=True, timeout=30)
+
+    block.unblock = unblock
+    yield block
+    unblock()
+
+
+def test_probe_names_a_tunnel_that_is_down(tunnel_hub, gateway_blocked):  # noqa: F811
+    hub = tunnel_hub
+    browser = Browser(hub.url)
+    browser.login("alice", PASSWORD)
+    job_id = spawn_until_ready(hub, browser, "alice")["state"]["job_id"]
+    code, result, _ = probe(hub, "alice/")
+    assert code == 0 and [hop["name"] for hop in result["hops"]] == ["scheduler", "tunnel", "server", "route", "http"]
+    code, document = status_json(hub, "alice/")
+    tunnel = document["servers"][0]["tunnel"]
+    assert tunnel["mode"] == "reverse" and tunnel["up"] and tunnel["endpoint"].startswith("127.0.0.1:")
+
+    # the connection cut at the gateway, and the node kept from dialling it again
+    gateway_blocked(hub.gateway_port)
+    killed = subprocess.run(["ss", "-K", "dst", NODE_ADDR, "sport", "=", f":{hub.gateway_port}"],
+                            capture_output=True, text=True, timeout=10)
+    assert killed.returncode == 0 and NODE_ADDR in killed.stdout, killed.stdout + killed.stderr
+    wait_for(lambda: not status_json(hub, "alice/")[1]["servers"][0]["tunnel"]["up"], 15, "the tunnel to be down")
+    code, result, table = probe(hub, "alice/")
+    assert code == status.EXIT_BROKEN and result["failed"] == "tunnel", result
+    assert result["hops"][0]["ok"] and squeue_state(job_id) == "RUNNING"
+    assert "tunnel to the hub's gateway is down" in result["hops"][1]["detail"]
+    assert f":{hub.gateway_port}" in result["fix"] and "broken hop: tunnel" in table
+    table = run_status(hub, "alice/")
+    assert table.returncode == 1 and "reverse: DOWN" in table.stdout and "not reachable" in table.stdout, table.stdout
+
+    # unblocked, the job's client comes back by itself and every hop answers again
+    gateway_blocked.unblock()
+    wait_for(lambda: status_json(hub, "alice/", "--probe")[0] == 0, 90, "the probe to pass again", interval=2)
