@@ -11,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from hpchub.doctor import check_programs, check_runner
 from hubtools import HUB_BIN, free_port
+from schedulers import SlurmAdapter
+from schedulers.ssh import SSHRunner
 from test_ldap import A, B, BASE, CA, READER_DN, READER_PW, directory  # noqa: F401 (fixture)
+from test_runner_ssh import HOST, KEY, KNOWN_HOSTS, PORT, ACCOUNT, sshd, write_known_hosts  # noqa: F401 (fixture)
 
 DOCTOR_BIN = HUB_BIN.with_name("hpchub-doctor")
 
@@ -122,3 +126,25 @@ def test_a_bad_setting_names_itself(doctor):
     code, checks = doctor(SOUND + 'c.BatchSpawner.req_memory = "lots"\n')
     assert code == 1 and list(checks) == ["config"]
     assert checks["config"]["detail"].startswith("BatchSpawner.req_memory = 'lots': "), checks
+
+
+@pytest.mark.asyncio
+async def test_an_ssh_runner_with_the_wrong_host_key_and_with_the_right_one(sshd, tmp_path):  # noqa: F811
+    """The runner check on a submit host over SSH (schedulers.ssh.SSHRunner): known_hosts decides."""
+    wrong = tmp_path / "known_hosts"
+    write_known_hosts(wrong)
+    runner = SSHRunner(HOST, port=PORT, username=ACCOUNT, client_keys=KEY, known_hosts=wrong)
+    try:
+        check = await check_runner(runner)
+    finally:
+        await runner.close()
+    assert check.failed and "host key of 127.0.0.1:2222 does not match" in check.detail
+    assert "known_hosts" in check.fix and "ssh-keyscan" in check.fix
+    runner = SSHRunner(HOST, port=PORT, username=ACCOUNT, client_keys=KEY, known_hosts=KNOWN_HOSTS)
+    try:
+        check = await check_runner(runner)
+        programs = await check_programs(SlurmAdapter(runner))
+    finally:
+        await runner.close()
+    assert check.status == "ok" and "SSHRunner to 127.0.0.1" in check.detail
+    assert programs.status == "ok" and "/usr/bin/squeue" in programs.detail, programs

@@ -179,6 +179,15 @@ def test_running_held_and_failed_jobs_in_the_table_and_json(hubs):
     code, document = status_json(hub, "alice/", "--log", "300")
     assert "hpchub: job started on" in document["log"]["text"] and not document["log"]["error"]
 
+    # --watch shows it again every second until Ctrl-C, which ends it with the last view's status
+    watching = subprocess.Popen([str(STATUS_BIN), "alice/", "--json", "--watch", "1"], stdout=subprocess.PIPE,
+                                text=True, env={"HPCHUB_URL": hub.url, "HPCHUB_API_TOKEN": hub.service_token,
+                                                "PATH": "/usr/bin:/bin", "HOME": str(hub.workdir)})
+    views = [json.loads(watching.stdout.readline()) for _ in range(2)]
+    watching.send_signal(signal.SIGINT)
+    assert watching.wait(timeout=30) == 0
+    assert [v["servers"][0]["job"]["id"] for v in views] == [running["job_id"]] * 2
+
     # held: pending with the scheduler's reason and its place in the queue; not ready
     table = run_status(hub, "bob")
     assert table.returncode == 1 and held_id in table.stdout and "JobHeldUser" in table.stdout, table.stdout
