@@ -52,6 +52,8 @@ DETAILS_MAX_AGE = 300.0
 QUEUE_MAX_AGE = 30.0
 HTTP_TIMEOUT = 5.0
 REDACTED = "[redacted]"
+#: a job across the hub: (its scheduler's poller, job id)
+JobKey = tuple[Any, str]
 
 # NAME=value where NAME says it holds a secret; values up to the end of the shell word
 _SECRET_ASSIGNMENT = re.compile(
@@ -132,36 +134,35 @@ class SchedulerView:
     repeated every few seconds (`hpchub-status --watch`) does not become a stream of scheduler queries."""
 
     def __init__(self) -> None:
-        self._details: dict[tuple[str, str], _Cached] = {}
-        self._queue: dict[tuple[str, str], _Cached] = {}
+        self._details: dict[JobKey, _Cached] = {}
+        self._queue: dict[JobKey, _Cached] = {}
 
-    async def details(self, spawners: list[BatchSpawner], live: dict[tuple[str, str], JobStatus]) -> dict[
-            tuple[str, str], JobStatus]:
+    async def details(self, spawners: list[BatchSpawner], live: dict[JobKey, JobStatus]) -> dict[JobKey, JobStatus]:
         """Details of each spawner's job, one `adapter.details` call per scheduler for the jobs not cached (or whose
         state moved on since)."""
         now = time.monotonic()
-        wanted: dict[str, tuple[Any, list[str]]] = {}
+        wanted: dict[Any, tuple[Any, list[str]]] = {}
         for spawner in spawners:
-            key = (spawner.scheduler, spawner.job_id)
+            key = job_key(spawner)
             cached = self._details.get(key)
             state = live[key].state if key in live else None
             if cached is None or cached.key != state or now - cached.at > DETAILS_MAX_AGE:
-                wanted.setdefault(spawner.scheduler, (spawner.adapter, []))[1].append(spawner.job_id)
-        for scheduler, (adapter, ids) in wanted.items():
+                wanted.setdefault(spawner.poller, (spawner.adapter, []))[1].append(spawner.job_id)
+        for poller, (adapter, ids) in wanted.items():
             try:
                 found = await adapter.details(ids)
             except SchedulerError:
                 continue    # the poller's status stands; the details come with a later view
             for job_id, status in found.items():
                 if status.state is not JobState.UNKNOWN:
-                    key = (scheduler, job_id)
+                    key = (poller, job_id)
                     self._details[key] = _Cached(status, now, live[key].state if key in live else None)
         self._forget_old(self._details, DETAILS_MAX_AGE * 2)
         return {key: c.value for key, c in self._details.items()}
 
     async def queue(self, spawner: BatchSpawner) -> dict[str, Any]:
         """A pending job's position in its partition and the scheduler's start estimate, each None where unknown."""
-        key = (spawner.scheduler, spawner.job_id)
+        key = job_key(spawner)
         now = time.monotonic()
         cached = self._queue.get(key)
         if cached is None or now - cached.at > QUEUE_MAX_AGE:
@@ -185,6 +186,12 @@ class SchedulerView:
 
 
 _view = SchedulerView()
+
+
+def job_key(spawner: BatchSpawner) -> JobKey:
+    """A job across the hub: its id with the poller of its scheduler (a hub may have several clusters of one kind,
+    whose ids overlap; each has its own poller)."""
+    return spawner.poller, spawner.job_id
 
 
 async def live_status(spawner: BatchSpawner, max_age: float) -> JobStatus:
@@ -440,7 +447,7 @@ class HpcHubAPIHandler(APIHandler):
         batch = [s for s in spawners if isinstance(s, BatchSpawner) and s.job_id]
         max_age = self.max_age()
         statuses = await asyncio.gather(*(live_status(s, max_age) for s in batch), return_exceptions=True)
-        live = {(s.scheduler, s.job_id): st for s, st in zip(batch, statuses) if isinstance(st, JobStatus)}
+        live = {job_key(s): st for s, st in zip(batch, statuses) if isinstance(st, JobStatus)}
         details = await _view.details(batch, live) if batch else {}
         routes = await self._routes()
         return list(await asyncio.gather(*(self.server_model_for(s, live, details, routes, history) for s in spawners)))
@@ -467,12 +474,12 @@ class HpcHubAPIHandler(APIHandler):
             model["job"] = None
             return model
         record = await self.record_for(spawner)
-        key = (spawner.scheduler, spawner.job_id)
-        status = live.get(key) if spawner.job_id else None
+        key = job_key(spawner) if spawner.job_id else None
+        status = live.get(key) if key else None
         queue = await _view.queue(spawner) if status is not None and status.state is JobState.PENDING else None
         model["cluster"] = spawner.scheduler
         model["job"] = job_model(spawner if spawner.job_id else None, record, status,
-                                 details.get(key) if spawner.job_id else None, queue)
+                                 details.get(key) if key else None, queue)
         model["tunnel"] = spawner.tunnel_status() if spawner.job_id else {"mode": spawner.tunnel}
         if history:
             rows = await spawner.ledger.history(spawner.user.name, spawner.name or "", limit=history)
