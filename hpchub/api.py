@@ -218,7 +218,7 @@ def job_model(spawner: BatchSpawner | None, record: JobRecord | None, status: Jo
     return {
         "id": (spawner.job_id if spawner and spawner.job_id else None) or (record.job_id if record else None),
         "tag": record.tag if record else (spawner.job_tag if spawner else None),
-        "cluster": record.cluster if record else (spawner.scheduler if spawner else None),
+        "cluster": record.cluster if record else (spawner.cluster_name if spawner else None),
         "state": state,
         "native_state": status.native_state if status else (record.native_state if record else ""),
         "reason": status.reason if status else (record.reason if record else ""),
@@ -352,7 +352,7 @@ def _tunnel_hop(spawner: BatchSpawner, tunnel: dict) -> Hop:
     return Hop("tunnel", False, f"the job's SSH tunnel to the hub's gateway is down{since}{reason}",
                f"the job's tunnel client reconnects by itself (the job ends if the tunnel stays down for "
                f"{spawner.tunnel_reconnect_timeout:g} s); if it stays down, check that the node reaches the gateway at "
-               f"{spawner.gateway_address()}:{spawner.tunnel_gateway_port} and read the job log")
+               f"{spawner.gateway_address()}:{spawner.gateway_settings().port} and read the job log")
 
 
 async def _server_hop(spawner: BatchSpawner, server: Any, tunnel: dict, log_hint: str) -> Hop:
@@ -477,10 +477,10 @@ class HpcHubAPIHandler(APIHandler):
         key = job_key(spawner) if spawner.job_id else None
         status = live.get(key) if key else None
         queue = await _view.queue(spawner) if status is not None and status.state is JobState.PENDING else None
-        model["cluster"] = spawner.scheduler
+        model["cluster"] = spawner.cluster_name
         model["job"] = job_model(spawner if spawner.job_id else None, record, status,
                                  details.get(key) if key else None, queue)
-        model["tunnel"] = spawner.tunnel_status() if spawner.job_id else {"mode": spawner.tunnel}
+        model["tunnel"] = spawner.tunnel_status() if spawner.job_id else {"mode": spawner.tunnel_mode}
         if history:
             rows = await spawner.ledger.history(spawner.user.name, spawner.name or "", limit=history)
             model["history"] = [record_model(r) for r in rows]
@@ -609,21 +609,24 @@ class ScriptHandler(HpcHubAPIHandler):
 
 
 async def render_again(spawner: BatchSpawner, record: JobRecord) -> str:
-    """The script `spawner` renders for the ledger row's request, with that job's environment file."""
+    """The script `spawner` renders for the ledger row's request: on that job's cluster, with its submission tag and
+    environment file."""
     request = request_from_record(record)
+    catalog = spawner.catalog
+    cluster = record.cluster if catalog and record.cluster in catalog.clusters else spawner.job_cluster
     if record.tag == spawner.job_tag and spawner.job_env_file:
         env_file = spawner.job_env_file
     else:
         home = await spawner.user_home()
         env_file = os.path.join(spawner._format(spawner.job_run_dir, home), f"{record.tag}.env")
-    # render_script reads the environment file's path from the spawner: set for this rendering only, with no
-    # await in between, so nothing else sees it
-    current = spawner.job_env_file
-    spawner.job_env_file = env_file
+    # the script is rendered from the spawner's own attributes: set for this rendering only, with no await in
+    # between, so nothing else sees them (as preview_script does)
+    saved = spawner.job_cluster, spawner.job_tag, spawner.job_env_file
+    spawner.job_cluster, spawner.job_tag, spawner.job_env_file = cluster, record.tag, env_file
     try:
         return spawner.render_script(request)
     finally:
-        spawner.job_env_file = current
+        spawner.job_cluster, spawner.job_tag, spawner.job_env_file = saved
 
 
 class ProbeHandler(HpcHubAPIHandler):

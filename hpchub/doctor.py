@@ -122,6 +122,8 @@ def settings_from_config(config: Config) -> Settings:
         if "ledger_url" not in config.BatchSpawner:   # as `hpchub` does: the ledger beside the hub's database
             config.BatchSpawner.ledger_url = "sqlite:///" + os.path.join(app.data_dir, "hpchub_ledger.sqlite")
         spawner = _build(spawner_class, config)
+        if isinstance(spawner, BatchSpawner):
+            spawner.catalog  # noqa: B018 - parses BatchSpawner.clusters/profiles, raising what is wrong
         authenticator = _build(authenticator_class, config) if issubclass(authenticator_class, LDAPAuthenticator) \
             else None
         proxy = _build(ConfigurableHTTPProxy, config)
@@ -226,14 +228,18 @@ async def check_scheduler_answers(adapter: Adapter) -> Check:
 
 
 async def check_sudo(user: str, programs: Sequence[str], runner: Runner | None = None) -> Check:
-    """`sudo -n -l -u USER -- PROGRAM` for each program run as the user: sudo lets this account run it, without a
-    password, and finds it on its secure_path."""
+    """`sudo -n -l -u USER -- PROGRAM` for each program run as the user, where the runner runs it (this host, or the
+    submit host as the SSH account): sudo lets that account run it, without a password, and finds it on its
+    secure_path."""
     runner = runner or LocalRunner()
-    try:
-        pwd.getpwnam(user)
-    except KeyError:
-        return Check(f"sudo as {user}", FAIL, f"no Unix account {user} on this host",
-                     "users' jobs run as their own accounts: they must exist here (NSS, e.g. through LDAP/SSSD)")
+    local = isinstance(runner, LocalRunner)
+    account = pwd.getpwuid(os.geteuid()).pw_name if local else getattr(runner, "username", "the runner's account")
+    if local:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            return Check(f"sudo as {user}", FAIL, f"no Unix account {user} on this host",
+                         "users' jobs run as their own accounts: they must exist here (NSS, e.g. through LDAP/SSSD)")
     refused, absent = [], []
     for program in programs:
         try:
@@ -246,12 +252,11 @@ async def check_sudo(user: str, programs: Sequence[str], runner: Runner | None =
         elif result.returncode != 0:
             refused.append(f"{program}: {answer or 'not allowed'}")
     if refused:
-        account = pwd.getpwuid(os.geteuid()).pw_name
         return Check(f"sudo as {user}", FAIL, f"{account} may not run as {user}: " + "; ".join(refused),
                      f"add a sudoers rule letting {account} run these commands as the users, without a password "
                      "and without keeping its environment (docs/runners.md)")
     allowed = [p for p in programs if p not in absent]
-    return Check(f"sudo as {user}", OK, f"may run {', '.join(allowed)} as {user}"
+    return Check(f"sudo as {user}", OK, f"{account} may run {', '.join(allowed)} as {user}"
                  + (f" ({', '.join(absent)}: not installed, see above)" if absent else ""))
 
 
@@ -474,20 +479,53 @@ async def _job_output(adapter: Adapter, user: str | None, path: str) -> str:
     return " / ".join(result.stdout.strip().splitlines()) or f"(no output in {path})"
 
 
-def round_trip_request(spawner: Any, user: str) -> JobRequest:
-    """A small request in the spawner's partition, account and QOS, with its set-up lines, writing to /tmp."""
+def round_trip_request(spawner: Any, cluster: Cluster, user: str) -> JobRequest:
+    """A small request in the spawner's (or the cluster's first) partition, account and QOS, with the admin's set-up
+    lines, writing to /tmp."""
     from batchspawner.request import parse_walltime_s
 
     limit = parse_walltime_s(spawner.req_runtime) if spawner.req_runtime else None
     return JobRequest(
         name="hpchub-doctor", tag=f"hpchub-doctor-{uuid.uuid4().hex[:12]}", cores=1,
-        walltime_s=min(limit or 120, 120), partition=spawner.req_partition or None,
+        walltime_s=min(limit or 120, 120), partition=cluster.partition,
         account=spawner.req_account or None, qos=spawner.req_qos or None,
         reservation=spawner.req_reservation or None, constraint=spawner.req_constraint or None, workdir="/tmp",
         output=f"/tmp/hpchub-doctor-{user}-%j.log", env_setup=tuple(spawner.req_prologue))
 
 
 # --- all of it ------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Cluster:
+    """One cluster the hub submits to, as the checks see it."""
+
+    name: str                      # "" when the hub has one cluster (no clusters configured)
+    adapter: Adapter
+    tunnel: str
+    gateway: tuple[str, int, str]  # listen address, port, address jobs dial
+    template: str
+    template_dirs: tuple[str, ...]
+    partition: str | None          # where the test job goes
+
+
+def clusters_of(spawner: Any) -> list[Cluster]:
+    """Every cluster a BatchSpawner may submit to: those of its catalog (BatchSpawner.clusters), else itself."""
+    catalog = spawner.catalog
+    if catalog is None:
+        return [Cluster("", spawner.adapter, spawner.tunnel, (spawner.tunnel_gateway_ip, spawner.tunnel_gateway_port,
+                                                              spawner.gateway_address()),
+                        spawner.job_template or spawner.adapter.template, tuple(spawner.job_template_dirs),
+                        spawner.req_partition or None)]
+    found = []
+    for spec in catalog.clusters.values():
+        adapter = spawner._cluster_adapter(spec)
+        host, port = spec.gateway or (spawner.gateway_address(), spawner.tunnel_gateway_port)
+        found.append(Cluster(spec.name, adapter, spec.tunnel, (spawner.tunnel_gateway_ip, port, host),
+                             spec.job_template or spawner.job_template or adapter.template,
+                             tuple(spec.job_template_dirs or spawner.job_template_dirs),
+                             next(iter(spec.partitions), None) or spawner.req_partition or None))
+    return found
+
 
 async def run_checks(settings: Settings, *, users: Sequence[str] = (), test_job_user: str | None = None,
                      test_job_timeout: float = 300.0) -> list[Check]:
@@ -497,23 +535,12 @@ async def run_checks(settings: Settings, *, users: Sequence[str] = (), test_job_
                                   f"{settings.authenticator_class.__name__}")]
     spawner = settings.spawner
     steps: list[Callable[[], Awaitable[Check | list[Check]]]] = []
-    if isinstance(spawner, BatchSpawner):
-        adapter = spawner.adapter
-        steps += [lambda: check_runner(adapter.runner), lambda: check_programs(adapter),
-                  lambda: check_scheduler_answers(adapter)]
-        if adapter.runner.switches_user:
-            programs = scheduler_programs(adapter)
-            as_user = [programs["submit"], programs["cancel"], *SPAWNER_FILE_COMMANDS]
-            chosen = list(users) or settings.users[:1]
-            if not chosen:
-                checks.append(Check("sudo", SKIP, "no user to check: give --user NAME (a user whose jobs will run)"))
-            for user in chosen:
-                steps.append(lambda user=user: check_sudo(user, as_user))
-        if spawner.tunnel == "reverse":
-            steps.append(lambda: check_gateway(spawner.tunnel_gateway_ip, spawner.tunnel_gateway_port,
-                                               spawner.gateway_address()))
-    else:
+    clusters = clusters_of(spawner) if isinstance(spawner, BatchSpawner) else []
+    if not clusters:
         checks.append(Check("scheduler", SKIP, f"{type(spawner).__name__} is not a batch spawner"))
+    gateways = set()
+    for cluster in clusters:
+        steps.append(lambda c=cluster: _cluster_checks(c, list(users) or settings.users[:1], gateways))
     if settings.authenticator is not None:
         directory_config = settings.authenticator.directory.config
         steps.append(lambda: check_ldap(directory_config))
@@ -526,14 +553,34 @@ async def run_checks(settings: Settings, *, users: Sequence[str] = (), test_job_
         found = await step()
         checks.extend(found if isinstance(found, list) else [found])
     if test_job_user is not None:
-        if not isinstance(spawner, BatchSpawner):
+        if not clusters:
             checks.append(Check("test job", SKIP, "not a batch spawner"))
-        else:
-            run_as = test_job_user if spawner.adapter.runner.switches_user else None
-            checks.append(await round_trip(spawner.adapter, run_as, round_trip_request(spawner, test_job_user),
-                                         spawner.job_template or spawner.adapter.template, spawner.job_template_dirs,
-                                         test_job_timeout))
+        for cluster in clusters:
+            run_as = test_job_user if cluster.adapter.runner.switches_user else None
+            check = await round_trip(cluster.adapter, run_as, round_trip_request(spawner, cluster, test_job_user),
+                                     cluster.template, cluster.template_dirs, test_job_timeout)
+            checks.append(_named(check, cluster))
     return checks
+
+
+async def _cluster_checks(cluster: Cluster, users: list[str], gateways: set) -> list[Check]:
+    adapter = cluster.adapter
+    checks = [await check_runner(adapter.runner), await check_programs(adapter), await check_scheduler_answers(adapter)]
+    if adapter.runner.switches_user:
+        programs = scheduler_programs(adapter)
+        as_user = [programs["submit"], programs["cancel"], *SPAWNER_FILE_COMMANDS]
+        if not users:
+            checks.append(Check("sudo", SKIP, "no user to check: give --user NAME (a user whose jobs will run)"))
+        for user in users:
+            checks.append(await check_sudo(user, as_user, adapter.runner))
+    if cluster.tunnel == "reverse" and cluster.gateway not in gateways:   # clusters may share the hub's gateway
+        gateways.add(cluster.gateway)
+        checks.append(await check_gateway(*cluster.gateway))
+    return [_named(check, cluster) for check in checks]
+
+
+def _named(check: Check, cluster: Cluster) -> Check:
+    return dataclasses.replace(check, name=f"{check.name} [{cluster.name}]") if cluster.name else check
 
 
 def show(console: Console, checks: list[Check]) -> None:

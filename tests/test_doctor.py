@@ -148,3 +148,29 @@ async def test_an_ssh_runner_with_the_wrong_host_key_and_with_the_right_one(sshd
         await runner.close()
     assert check.status == "ok" and "SSHRunner to 127.0.0.1" in check.detail
     assert programs.status == "ok" and "/usr/bin/squeue" in programs.detail, programs
+
+
+CLUSTERS = """
+c.JupyterHub.spawner_class = "batchspawner.BatchSpawner"
+c.Authenticator.allowed_users = {"alice"}
+c.BatchSpawner.clusters = {
+    "hpc": {"display_name": "Slurm", "scheduler": "slurm", "partitions": {"debug": {"max_walltime": "01:00:00"}}},
+    "grid": {"display_name": "Grid Engine", "scheduler": "sge", "default_queue": "all.q"},
+}
+c.BatchSpawner.profiles = [
+    {"name": "small", "display_name": "Small", "cluster": "hpc", "defaults": {"cores": 1, "walltime": "00:10:00"}},
+    {"name": "grid", "display_name": "Grid", "cluster": "grid", "defaults": {"cores": 1, "walltime": "00:10:00"}},
+]
+"""
+
+
+def test_every_cluster_is_checked_and_runs_a_test_job(doctor, sge_cluster):
+    code, checks = doctor(CLUSTERS, "--test-job", "alice")
+    assert code == 0 and not failed(checks), checks
+    assert "slurm answers: partitions debug*" in checks["scheduler [hpc]"]["detail"]
+    assert checks["scheduler [grid]"]["detail"].startswith("sge answers: partitions all.q")
+    assert "/usr/bin/qsub" in checks["scheduler commands [grid]"]["detail"] or "qsub" in \
+        checks["scheduler commands [grid]"]["detail"]
+    assert checks["sudo as alice [hpc]"]["status"] == checks["sudo as alice [grid]"]["status"] == "ok"
+    assert " ran on c" in checks["test job as alice [hpc]"]["detail"]
+    assert checks["test job as alice [grid]"]["status"] == "ok", checks["test job as alice [grid]"]
