@@ -245,7 +245,9 @@ async def check_sudo(user: str, programs: Sequence[str], runner: Runner | None =
         try:
             result = await runner.run(["sudo", "-n", "-l", "-u", user, "--", program], timeout=COMMAND_TIMEOUT)
         except SchedulerError as err:
-            return Check(f"sudo as {user}", FAIL, f"cannot run sudo: {err}", "install sudo")
+            if err.result is None:     # runners take sudo's own refusals for their failure: the answer is kept
+                return Check(f"sudo as {user}", FAIL, f"cannot run sudo: {err}", "install sudo")
+            result = err.result
         answer = (result.stderr or result.stdout).strip()
         if result.returncode != 0 and "command not found" in answer:   # reported by "scheduler commands"
             absent.append(program)

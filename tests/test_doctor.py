@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hpchub.doctor import check_programs, check_runner
+from hpchub.doctor import SPAWNER_FILE_COMMANDS, check_programs, check_runner, check_sudo
 from hubtools import HUB_BIN, free_port
 from schedulers import SlurmAdapter
 from schedulers.ssh import SSHRunner
@@ -144,10 +144,16 @@ async def test_an_ssh_runner_with_the_wrong_host_key_and_with_the_right_one(sshd
     try:
         check = await check_runner(runner)
         programs = await check_programs(SlurmAdapter(runner))
+        # the submit host's sudoers rule lets the account run Slurm's commands and the job files' as alice, no more
+        allowed = await check_sudo("alice", ["sbatch", "scancel", *SPAWNER_FILE_COMMANDS], runner)
+        refused = await check_sudo("alice", ["sbatch", "qsub"], runner)
     finally:
         await runner.close()
     assert check.status == "ok" and "SSHRunner to 127.0.0.1" in check.detail
     assert programs.status == "ok" and "/usr/bin/squeue" in programs.detail, programs
+    assert allowed.status == "ok" and allowed.detail.startswith(f"{ACCOUNT} may run sbatch, scancel, mkdir"), allowed
+    assert refused.failed and "qsub" in refused.detail and "sbatch" not in refused.detail, refused
+    assert "sudoers rule" in refused.fix
 
 
 CLUSTERS = """
