@@ -323,7 +323,8 @@ def _scheduler_hop(spawner: BatchSpawner, status: JobStatus, log_hint: str) -> H
     job = f"job {spawner.job_id}"
     where = f" on {','.join(status.nodes)}" if status.nodes else ""
     if status.state is JobState.RUNNING:
-        return Hop("scheduler", True, f"{job} is {status.native_state or 'RUNNING'}{where}")
+        native = f" ({status.native_state})" if status.native_state not in ("", "RUNNING") else ""
+        return Hop("scheduler", True, f"{job} is RUNNING{native}{where}")
     reason = f" ({status.reason})" if status.reason else ""
     if status.state is JobState.PENDING:
         return Hop("scheduler", False, f"{job} is still queued{reason}",
