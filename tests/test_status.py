@@ -85,7 +85,8 @@ def test_exit_status_of_a_view():
 
 @pytest.fixture
 def hubs(tmp_path: Path, proxy_installed, slurm_cluster, test_users):
-    """make(extra_config) -> Hub; every hub stopped and every job it submitted cancelled at the end."""
+    """make(extra_config) -> Hub; every hub stopped and every job it left running cancelled at the end (Slurm's
+    clusters here are "slurm" and "hpc", Grid Engine's "grid")."""
     started: list[Hub] = []
 
     def make(extra: str) -> Hub:
@@ -96,9 +97,11 @@ def hubs(tmp_path: Path, proxy_installed, slurm_cluster, test_users):
     yield make
     for hub in started:
         hub.stop()
-        ids = [row["job_id"] for row in ledger(hub) if row["job_id"]]
-        if ids:
-            subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
+        for cancel, clusters in ((["scancel"], {"slurm", "hpc"}), (["qdel"], {"sge", "grid"})):
+            ids = [row["job_id"] for row in ledger(hub) if row["job_id"] and row["cluster"] in clusters
+                   and row["state"] in ("PENDING", "RUNNING", "COMPLETING", "CANCELLING", "UNKNOWN")]
+            if ids:
+                subprocess.run([*cancel, *ids], capture_output=True, timeout=30)
 
 
 def ledger(hub: Hub) -> list[dict]:
@@ -381,3 +384,27 @@ def test_probe_names_a_tunnel_that_is_down(tunnel_hub, gateway_blocked):  # noqa
     # unblocked, the job's client comes back by itself and every hop answers again
     gateway_blocked.unblock()
     wait_for(lambda: status_json(hub, "alice/", "--probe")[0] == 0, 90, "the probe to pass again", interval=2)
+
+
+def test_a_profile_server_on_grid_engine(hubs, sge_cluster):
+    """With clusters and profiles: the job's cluster and queue, the script rendered again on that cluster equal to
+    the submitted one, every hop passing."""
+    from test_e2e_profiles import CATALOG
+
+    hub = hubs(CATALOG)
+    browser = Browser(hub.url)
+    browser.login("alice", PASSWORD)
+    response = browser.api("POST", "/users/alice/servers/grid", json={"profile": "grid"})
+    assert response.status_code in (201, 202), response.text
+    server = wait_for(lambda: (user_model(hub, "alice")["servers"].get("grid") or {}).get("ready") and
+                      user_model(hub, "alice")["servers"]["grid"], 120, "the Grid Engine server")
+    code, document = status_json(hub, "alice/grid", "--script", "--probe")
+    [model] = document["servers"]
+    assert code == 0 and model["cluster"] == "grid", document
+    job = model["job"]
+    assert (job["id"], job["state"], job["native_state"], job["partition"]) == (
+        server["state"]["job_id"], "RUNNING", "r", "all.q")
+    assert job["nodes"] and job["started"] and 0 < job["walltime_left_s"] <= 600
+    assert document["script"]["matches_submitted"] and "#$ -q all.q" in document["script"]["script"]
+    assert document["probe"]["ok"], document["probe"]
+    assert browser.api("DELETE", "/users/alice/servers/grid").status_code in (202, 204)
