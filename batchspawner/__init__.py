@@ -6,4 +6,6 @@ the same environment.
 from . import api  # noqa: F401  (registers /hub/api/batchspawner)
 from .spawner import BatchSpawner, GridEngineSpawner, LocalBatchSpawner, PBSSpawner, SlurmSpawner
 
+from hpchub import api as _status_api  # noqa: E402, F401  (registers /hub/api/hpchub/..., for hpchub-status)
+
 __all__ = ["BatchSpawner", "GridEngineSpawner", "LocalBatchSpawner", "PBSSpawner", "SlurmSpawner"]

@@ -130,6 +130,12 @@ class JobStatus:
     exit_code: int | None = None
     #: the scheduler's own estimate of when a pending job starts, where it gives one
     estimated_start: datetime | None = None
+    #: where and when, as the scheduler tells: filled by `Adapter.details` (and by `query` where its answer holds
+    #: them); "" / None where it does not say. `started` only for a job that did start.
+    partition: str = ""
+    submitted: datetime | None = None
+    started: datetime | None = None
+    time_limit_s: int | None = None
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,12 @@ class Adapter(abc.ABC):
                 reason = f"scheduler unavailable: {err.reason}"
                 statuses = {i: JobStatus(i, JobState.UNKNOWN, reason=reason) for i in valid}
         return {i: statuses.get(i) or JobStatus(i, JobState.UNKNOWN, reason=self._not_a_job_id(i)) for i in ids}
+
+    async def details(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
+        """`query`, with each job's partition, submit and start times and time limit filled where the scheduler
+        reports them. Dearer than `query` on some schedulers: ask on demand (a person looking), not every poll.
+        This default is `query`, for adapters whose query answer already holds them."""
+        return await self.query(job_ids)
 
     async def estimate_start(self, job_ids: Iterable[str]) -> dict[str, datetime | None]:
         """The scheduler's own estimate of when each pending job starts; None where it has none.

@@ -26,6 +26,7 @@ for Debian. What this module relies on, from the PBS Professional 2022 / OpenPBS
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -159,6 +160,17 @@ class PBSAdapter(Adapter):
             raise SchedulerError(f"pbs: qdel {' '.join(job_ids)} failed: {text}", reason=text, result=result)
 
     def _status(self, job_id: str, attributes: Mapping[str, Any]) -> JobStatus:
+        """The job's status, with its queue, times and walltime: qstat -f tells them all in the same answer."""
+        status = self._state(job_id, attributes)
+        try:
+            limit = _walltime(_mapping(attributes.get("Resource_List")).get("walltime"))
+        except SchedulerUnavailable:
+            limit = None    # an odd walltime must not cost the job's state
+        return dataclasses.replace(
+            status, partition=str(attributes.get("queue", "")), submitted=_when(attributes.get("qtime")),
+            started=_when(attributes.get("stime")), time_limit_s=limit)
+
+    def _state(self, job_id: str, attributes: Mapping[str, Any]) -> JobStatus:
         state = str(attributes.get("job_state", ""))
         comment = str(attributes.get("comment", ""))
         nodes = tuple(dict.fromkeys(chunk.partition("/")[0]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from datetime import datetime
 from typing import ClassVar, Iterable, Sequence
 
 from .base import Adapter, JobRequest, JobState, JobStatus, PartitionInfo, SchedulerError, SchedulerUnavailable
@@ -102,10 +103,13 @@ class SGEAdapter(Adapter):
         for job in _xml(result, "qstat -xml").iter("job_list"):
             job_id, native = job.findtext("JB_job_number", ""), job.findtext("state", "")
             if job_id in wanted and statuses[job_id].reason == _NOT_LISTED:   # an array job lists each task
-                host = job.findtext("queue_name", "").partition("@")[2]
+                queue, _, host = job.findtext("queue_name", "").partition("@")
                 state, reason = job_state(native)
+                # qstat names the queue and start time of a job that runs, the submit time of one that waits
                 statuses[job_id] = JobStatus(job_id, state, native_state=native, reason=reason,
-                                             nodes=(host,) if host else ())
+                                             nodes=(host,) if host else (), partition=queue,
+                                             submitted=_local_time(job.findtext("JB_submission_time")),
+                                             started=_local_time(job.findtext("JAT_start_time")))
         return statuses
 
     async def partitions(self) -> list[PartitionInfo]:
@@ -188,6 +192,14 @@ class SGEAdapter(Adapter):
         return JobStatus(status.job_id, JobState.UNKNOWN,
                          reason="not in qstat, and no accounting record (qacct: "
                                 f"{result.stderr.strip() or result.stdout.strip()})")
+
+
+def _local_time(text: str | None) -> datetime | None:
+    """qstat -xml's local time without a zone ("2026-11-22T00:14:41"), aware; None when absent or odd."""
+    try:
+        return datetime.fromisoformat(text).astimezone() if text else None
+    except ValueError:
+        return None
 
 
 def job_state(native: str) -> tuple[JobState, str]:

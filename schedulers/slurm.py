@@ -20,6 +20,7 @@ Verified against Slurm 22.05.8:
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import datetime
 from typing import ClassVar, Iterable, Mapping, Sequence
@@ -31,6 +32,8 @@ from .runner import CommandResult, Runner
 # ASCII unit separator: cannot occur in ids, states, reasons or node names
 _SEP = "\x1f"
 _SQUEUE_FORMAT = ",".join(f"{field}:{_SEP}" for field in ("JobID", "State", "Reason", "NodeList", "exit_code"))
+_DETAIL_FIELDS = ("JobID", "State", "Reason", "NodeList", "exit_code", "Partition", "SubmitTime", "StartTime", "TimeLimit")
+_DETAILS_FORMAT = ",".join(f"{field}:{_SEP}" for field in _DETAIL_FIELDS)
 _SACCT_FORMAT = "JobID,State,Reason,NodeList,ExitCode"
 _JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")
 _UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out", "Zero Bytes were transmitted",
@@ -127,6 +130,42 @@ class SlurmAdapter(Adapter):
             job_id, state, reason, nodes, status = fields[:5]
             if job_id in statuses:
                 statuses[job_id] = self._status(job_id, state, reason, nodes, _exit_code(status))
+        return statuses
+
+    async def details(self, job_ids: Iterable[str]) -> dict[str, JobStatus]:
+        """The query's statuses with partition, submit and start time and time limit: one squeue call with more
+        columns. A job squeue no longer lists is UNKNOWN here (no sacct: the caller has the poller's status).
+        Raises SchedulerUnavailable when squeue could not answer."""
+        ids = list(dict.fromkeys(job_ids))
+        valid = [i for i in ids if _JOB_ID.fullmatch(i)]
+        statuses: dict[str, JobStatus] = {}
+        if valid:
+            statuses = self.parse_details(await self._run(self.details_argv(valid)), valid)
+        return {i: statuses.get(i) or JobStatus(i, JobState.UNKNOWN, reason=self._not_a_job_id(i)) for i in ids}
+
+    def details_argv(self, job_ids: Sequence[str]) -> list[str]:
+        return ["squeue", "--noheader", f"--jobs={','.join(job_ids)}", "--states=all", "--Format", _DETAILS_FORMAT]
+
+    def parse_details(self, result: CommandResult, job_ids: Sequence[str]) -> dict[str, JobStatus]:
+        if result.returncode != 0:
+            if _unknown_alone(result, job_ids):
+                return {job_ids[0]: JobStatus(job_ids[0], JobState.UNKNOWN, reason=_NOT_QUEUED)}
+            raise SchedulerUnavailable(f"slurm: squeue failed (exit {result.returncode}): {result.stderr.strip()}",
+                                       result=result)
+        statuses = {i: JobStatus(i, JobState.UNKNOWN, reason=_NOT_QUEUED) for i in job_ids}
+        for line in result.stdout.splitlines():
+            fields = line.split(_SEP)
+            if len(fields) != len(_DETAIL_FIELDS) + 1 or fields[-1]:
+                raise SchedulerUnavailable(f"slurm: unexpected squeue output {line!r}", result=result)
+            job_id, state, reason, nodes, status, partition, submitted, started, limit = fields[:-1]
+            if job_id not in statuses:
+                continue
+            found = self._status(job_id, state, reason, nodes, _exit_code(status))
+            # a pending job's StartTime is a plan, and a job cancelled before it ran gets its end time there
+            ran = found.state in (JobState.RUNNING, JobState.COMPLETING) or (found.state.is_terminal and found.nodes)
+            statuses[job_id] = dataclasses.replace(
+                found, partition=partition, submitted=_local_time(submitted),
+                started=_local_time(started) if ran else None, time_limit_s=slurm_seconds(limit))
         return statuses
 
     async def estimate_start(self, job_ids: Iterable[str]) -> dict[str, datetime | None]:
@@ -452,6 +491,16 @@ def _expand_item(item: str) -> list[str]:
 def _unknown_alone(result: CommandResult, job_ids: Sequence[str]) -> bool:
     """squeue's failure for a single id slurmctld does not know: an answer about that job, not an outage."""
     return len(job_ids) == 1 and "slurm_load_jobs error: Invalid job id specified" in result.stderr
+
+
+def _local_time(text: str) -> datetime | None:
+    """squeue's local time without a zone ("2026-11-21T10:01:02"), aware; None for Slurm's "no time" words."""
+    if text in _NO_ESTIMATE or text in ("None", ""):
+        return None
+    try:
+        return datetime.fromisoformat(text).astimezone()
+    except ValueError:
+        raise SchedulerUnavailable(f"slurm: unexpected time {text!r} from squeue") from None
 
 
 def _exit_code(wait_status: str) -> int | None:

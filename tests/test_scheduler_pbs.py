@@ -425,6 +425,15 @@ def test_parser_maps_every_state_of_the_reference_document():
     assert s["113.pbs01"].reason == "moved to another PBS server"
 
 
+def test_parser_gives_the_queue_times_and_walltime_of_the_same_answer():
+    s = parse((FIXTURES / "qstat-jobs.json").read_text(), ["101.pbs01", "104.pbs01"])
+    running, queued = s["104.pbs01"], s["101.pbs01"]
+    assert (running.partition, running.time_limit_s) == ("workq", 4 * 3600)
+    assert (running.submitted, running.started) == (datetime(2025, 11, 21, 9, 39, 51).astimezone(),
+                                                    datetime(2025, 11, 21, 9, 40).astimezone())
+    assert (queued.partition, queued.started, queued.time_limit_s) == ("workq", None, 8 * 3600)
+
+
 def test_parser_reads_the_cjson_layout_of_openpbs_23():
     status = parse((FIXTURES / "qstat-cjson.json").read_text(), ["204.pbs01"])["204.pbs01"]
     assert (status.state, status.nodes) == (JobState.RUNNING, ("cn007",))

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from datetime import datetime
+
 import pytest
 
 import helpers
@@ -85,6 +87,10 @@ async def test_one_recorded_qstat_answers_for_every_job():
     assert (got["waiting"].state, got["waiting"].native_state, got["waiting"].nodes) == (JobState.PENDING, "qw", ())
     assert (got["error"].state, got["error"].native_state) == (JobState.FAILED, "Eqw")
     assert all(s.estimated_start is None and s.exit_code is None for s in statuses.values())
+    # the queue and start time of a job that runs, the submit time of one that waits: qstat's local time
+    recorded_time = datetime(2026, 11, 22, 0, 14, 41).astimezone()
+    assert (got["running"].partition, got["running"].started) == ("all.q", recorded_time)
+    assert (got["waiting"].partition, got["waiting"].submitted, got["waiting"].started) == ("", recorded_time, None)
 
 
 @pytest.mark.asyncio

@@ -275,6 +275,23 @@ async def test_recorded_batch_of_every_kind():
 
 
 @pytest.mark.asyncio
+async def test_recorded_details_give_partition_times_and_limit():
+    answer = recorded("details-batch")
+    held, running, completed, failed, unknown = answer["job_ids"]
+    statuses = await SlurmAdapter(Replay("details-batch")).details(answer["job_ids"])
+    printed = {line.split("\x1f")[0]: line.split("\x1f") for line in answer["stdout"].splitlines()}
+    assert [statuses[i].state for i in answer["job_ids"]] == [JobState.PENDING, JobState.RUNNING, JobState.COMPLETED,
+                                                              JobState.FAILED, JobState.UNKNOWN]
+    assert (statuses[held].reason, statuses[failed].exit_code, statuses[running].nodes) == ("JobHeldUser", 3, ("c1",))
+    for job_id in (held, running, completed, failed):
+        assert (statuses[job_id].partition, statuses[job_id].time_limit_s) == ("debug", 300)
+        assert statuses[job_id].submitted == datetime.fromisoformat(printed[job_id][6]).astimezone()
+    assert statuses[held].started is None     # squeue's StartTime of a pending job is a plan, not a start
+    assert statuses[running].started == datetime.fromisoformat(printed[running][7]).astimezone()
+    assert statuses[unknown].state is JobState.UNKNOWN and statuses[unknown].partition == ""
+
+
+@pytest.mark.asyncio
 async def test_recorded_unknown_id_alone():
     [job_id] = recorded("query-invalid-id")["job_ids"]
     status = (await SlurmAdapter(Replay("query-invalid-id"), use_sacct=False).query([job_id]))[job_id]
