@@ -294,6 +294,12 @@ class BatchSpawner(Spawner):
     def _default_tunnel_client_cmd(self) -> list[str]:
         return [_beside_python("hpchub-tunnel")]
 
+    @default("server_token_scopes")
+    def _default_server_token_scopes(self) -> list[str]:
+        # JupyterHub's server role, plus reading the user's own servers: `hpchub-status` in the notebook's
+        # terminal works with the server's token. Nothing of other users, no admin scope.
+        return ["users:activity!user", "access:servers!server", "read:servers!user"]
+
     @default("start_timeout")
     def _default_start_timeout(self) -> int:
         # JupyterHub's own limit wraps the whole start(); the two limits above are the ones that decide.

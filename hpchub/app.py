@@ -207,4 +207,9 @@ class HpcHub(JupyterHub):
 
 
 def main(argv: list[str] | None = None) -> None:
-    HpcHub.launch_instance(argv if argv is not None else sys.argv[1:])
+    args = argv if argv is not None else sys.argv[1:]
+    if args[:1] == ["doctor"]:     # `hpchub doctor ...`: checks, nothing started
+        from .doctor import main as doctor
+
+        sys.exit(doctor(args[1:]))
+    HpcHub.launch_instance(args)
