@@ -5,5 +5,6 @@ the same environment.
 """
 from . import api  # noqa: F401  (registers /hub/api/batchspawner)
 from .spawner import BatchSpawner, GridEngineSpawner, LocalBatchSpawner, PBSSpawner, SlurmSpawner
+from hpchub import engines  # noqa: E402,F401  (registers /hub/api/hpchub/engines)
 
 __all__ = ["BatchSpawner", "GridEngineSpawner", "LocalBatchSpawner", "PBSSpawner", "SlurmSpawner"]
