@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import os
 import re
 import secrets
@@ -35,9 +34,7 @@ from schedulers import InvalidRequest, JobRequest, SchedulerError, SubmitRejecte
 
 from .ledger import ENDED_STATES, JobRecord, Ledger
 
-log = logging.getLogger(__name__)
-
-_TAG = re.compile(r"(?P<parent>[A-Za-z0-9]+)-ipp-(?P<set_id>[0-9a-f]{8})-(?P<index>[0-9]{1,4})")
+_TAG = re.compile(r"(?P<parent>[A-Za-z0-9]+)-ipp-(?P<set_id>[0-9a-f]{8})-(?P<index>[0-9]+)")
 _SET_ID = r"[0-9a-f]{8}"
 # where a connection file may be: an absolute path of plain characters, no white space or shell syntax
 _CONNECTION_FILE = re.compile(r"/[A-Za-z0-9_.%@+~=/-]*\.json")
@@ -206,6 +203,7 @@ class EngineJobs:
     async def start(self, request: EngineRequest) -> dict:
         """Submit `request.n` engine jobs; the new set's model."""
         spawner = self.spawner
+        self._check_count(request.n, 0)   # at once: nothing is built for a request that cannot be met
         home = await spawner.user_home()
         self._check_path(request.connection_file, home)
         resources = self._resources(request)
@@ -348,14 +346,17 @@ class EngineJobs:
         return str(tag), request, script
 
     async def _check_limit(self, n: int) -> None:
+        records = await _rows(self.ledger, self.spawner.user.name, "", active=True)
+        self._check_count(n, sum(1 for r in records if parse_engine_tag(r.tag)))
+
+    def _check_count(self, n: int, active: int) -> None:
         limit = self.settings.max_engines_per_user
         if limit == 0:
             raise EngineRefused(403, "engines are turned off on this hub (HpcHubEngines.max_engines_per_user = 0)")
-        user = self.spawner.user.name
-        active = [r for r in await _rows(self.ledger, user, "", active=True) if parse_engine_tag(r.tag)]
-        if len(active) + n > limit:
-            raise EngineRefused(403, f"{user} may have at most {limit} engine jobs queued or running at once "
-                                f"(HpcHubEngines.max_engines_per_user); {len(active)} are, and {n} more were asked for")
+        if active + n > limit:
+            raise EngineRefused(403, f"{self.spawner.user.name} may have at most {limit} engine jobs queued or "
+                                f"running at once (HpcHubEngines.max_engines_per_user); {active} are, and {n} more "
+                                "were asked for")
 
     async def _submit(self, jobs: list[tuple[str, JobRequest, str]], set_id: str, env_file: str) -> list[str]:
         """Submit every job of a set, or none: when one is refused the others are cancelled."""

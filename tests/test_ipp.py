@@ -313,6 +313,9 @@ def test_the_engines_api_takes_a_fixed_schema_within_the_servers_bounds_from_its
     for what, (body, message) in refused.items():
         response = post(body)
         assert response.status_code == 400 and message in response.json()["message"], (what, response.text)
+    # beyond the admin's limit in one request: refused before anything is built
+    response = post({**good, "n": 100000})
+    assert response.status_code == 403 and "at most 6 engine jobs" in response.json()["message"], response.text
     # only the server's own token: not the hub's service token, not none, not alice's browser session
     assert post(good, hub.service_token).status_code == 403
     assert post(good, None).status_code == 403
