@@ -21,7 +21,8 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from hubtools import Browser, Hub, spawn_until_ready, user_model, wait_for
-from test_e2e_hub import ACTIVE_SLURM_STATES, LOGIN, PASSWORD, hub_factory, squeue_state  # noqa: F401 (fixture)
+from test_e2e_hub import (ACTIVE_SLURM_STATES, LOGIN, PASSWORD, hub_factory, local_spool,  # noqa: F401 (fixtures)
+                          squeue_state)
 
 ENGINES = LOGIN + """
 c.JupyterHub.spawner_class = "slurm"
@@ -341,3 +342,27 @@ def test_the_engines_api_takes_a_fixed_schema_within_the_servers_bounds_from_its
                            timeout=60).status_code == 200
     assert squeue_state(engine["job_id"]) not in ACTIVE_SLURM_STATES
     assert requests.get(f"{url}/0000beef", headers={"Authorization": f"token {token}"}, timeout=30).status_code == 404
+
+
+def test_engines_on_the_local_batch_system_by_the_same_path(hub_factory, local_spool, test_users, leftovers):
+    """Another scheduler, same launcher and hub code: hpchub's local batch system (the embedded default's)."""
+    hub = hub_factory(LOGIN + f'c.JupyterHub.spawner_class = "local"\n'
+                      f'c.LocalBatchSpawner.local_spool_dir = {str(local_spool)!r}\n')
+    browser = Browser(hub.url)
+    browser.login("alice", PASSWORD)
+    spawn_until_ready(hub, browser, "alice")
+    kernel = Kernel(hub, "alice")
+    kernel.run(START.format(n=2))
+    result = kernel.result("""
+jobs = rc[:].apply_sync(lambda: __import__("os").environ.get("LOCALQ_JOB_ID"))
+print("RESULT " + json.dumps({"sum": sum(rc[:].map_sync(lambda x: x + 1, range(32))), "engine_jobs": jobs,
+                              "notebook_job": os.environ.get("LOCALQ_JOB_ID"),
+                              "launcher_jobs": [job["job_id"] for job in cluster.engine_set.jobs]}))
+""")
+    assert result["sum"] == sum(range(1, 33))
+    assert sorted(result["engine_jobs"]) == sorted(result["launcher_jobs"]) and len(set(result["engine_jobs"])) == 2
+    assert result["notebook_job"] not in result["engine_jobs"]
+    kernel.run("cluster.stop_cluster_sync()")
+    wait_for(lambda: all(r["state"] == "CANCELLED" for r in ledger_engines(hub, "alice")), 30,
+             "the local engine jobs to be cancelled")
+    assert browser.api("DELETE", "/users/alice/server").status_code in (202, 204)
