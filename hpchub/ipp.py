@@ -210,7 +210,14 @@ class HpcHubEngineSetLauncher(EngineLauncher):
 
     # -- the hub ---------------------------------------------------------------------------------
     async def _call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        return await asyncio.to_thread(self._request, method, path, body)
+        try:
+            return await asyncio.to_thread(self._request, method, path, body)
+        except RuntimeError as err:
+            if "shutdown" not in str(err):
+                raise
+            # the interpreter is exiting (ipyparallel stops its clusters then) and takes no new threads: nothing
+            # was sent yet, so ask from this one
+            return self._request(method, path, body)
 
     def _request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         request = urllib.request.Request(

@@ -344,8 +344,9 @@ def test_the_engines_api_takes_a_fixed_schema_within_the_servers_bounds_from_its
     assert requests.get(f"{url}/0000beef", headers={"Authorization": f"token {token}"}, timeout=30).status_code == 404
 
 
-def test_engines_on_the_local_batch_system_by_the_same_path(hub_factory, local_spool, test_users, leftovers):
-    """Another scheduler, same launcher and hub code: hpchub's local batch system (the embedded default's)."""
+def test_engines_on_the_local_batch_system_by_the_same_path(local_spool, hub_factory, test_users):
+    """Another scheduler, same launcher and hub code: hpchub's local batch system (the embedded default's).
+    (local_spool comes first so that the hub, which cancels its jobs as it stops, stops before the spool goes.)"""
     hub = hub_factory(LOGIN + f'c.JupyterHub.spawner_class = "local"\n'
                       f'c.LocalBatchSpawner.local_spool_dir = {str(local_spool)!r}\n')
     browser = Browser(hub.url)
@@ -362,7 +363,9 @@ print("RESULT " + json.dumps({"sum": sum(rc[:].map_sync(lambda x: x + 1, range(3
     assert result["sum"] == sum(range(1, 33))
     assert sorted(result["engine_jobs"]) == sorted(result["launcher_jobs"]) and len(set(result["engine_jobs"])) == 2
     assert result["notebook_job"] not in result["engine_jobs"]
-    kernel.run("cluster.stop_cluster_sync()")
+    # the kernel shuts down without stopping its cluster: ipyparallel stops it at exit, which cancels the engines
+    kernel.close()
     wait_for(lambda: all(r["state"] == "CANCELLED" for r in ledger_engines(hub, "alice")), 30,
              "the local engine jobs to be cancelled")
+    assert {r["note"] for r in ledger_engines(hub, "alice")} == {"cancelled: its ipyparallel cluster stopped"}
     assert browser.api("DELETE", "/users/alice/server").status_code in (202, 204)
