@@ -97,6 +97,9 @@ def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
+ALICE_IPYTHON = Path("/home/alice/.ipython")
+
+
 def ledger_engines(hub: Hub, user: str) -> list[dict]:
     with sqlite3.connect(hub.workdir / "data" / "hpchub_ledger.sqlite") as db:
         db.row_factory = sqlite3.Row
@@ -117,6 +120,7 @@ START = """
 import json, os, socket, ipyparallel as ipp
 cluster = ipp.Cluster(engine_launcher_class="hpchub", n={n}, controller_ip="0.0.0.0",
                       controller_location=socket.gethostname())
+print("CLUSTER", cluster.cluster_id)
 rc = cluster.start_and_connect_sync()
 """
 
@@ -163,12 +167,19 @@ print("RESULT " + json.dumps({"stop": stopped[0] if stopped else None, "out": lo
 
 @pytest.fixture
 def leftovers():
-    """Job ids the test saw: whatever is still queued or running at its end (a failed test) is cancelled."""
-    job_ids: list[str] = []
-    yield job_ids
-    if job_ids:
-        subprocess.run(["scancel", *job_ids], capture_output=True, timeout=30)
-    shutil.rmtree("/home/alice/.ipython/profile_hpchub_test", ignore_errors=True)
+    """Slurm job ids the test saw, and the ids of its ipyparallel clusters: at its end, whatever job is still queued
+    or running (a failed test) is cancelled, and the files of the clusters whose kernel died are removed."""
+    seen: dict[str, list[str]] = {"jobs": [], "clusters": []}
+    yield seen
+    if seen["jobs"]:
+        subprocess.run(["scancel", *seen["jobs"]], capture_output=True, timeout=30)
+    profile = ALICE_IPYTHON / "profile_default"
+    for cluster_id in seen["clusters"]:
+        for pattern in (f"security/cluster-{cluster_id}.json", f"security/ipcontroller-{cluster_id}-*.json",
+                        f"log/ipcontroller-{cluster_id}-*.log", f"log/engines{cluster_id}.json"):
+            for path in profile.glob(pattern):
+                path.unlink(missing_ok=True)
+    shutil.rmtree(ALICE_IPYTHON / "profile_hpchub_test", ignore_errors=True)
 
 
 def test_engines_run_as_batch_jobs_submitted_by_the_hub_and_end_with_their_cluster_or_server(
@@ -183,13 +194,14 @@ def test_engines_run_as_batch_jobs_submitted_by_the_hub_and_end_with_their_clust
     # 4 engines from the notebook: each in a Slurm job of its own, submitted by the hub
     started = time.monotonic()
     out = kernel.run(START.format(n=4))
+    leftovers["clusters"] += re.findall(r"^CLUSTER (\S+)$", out, re.M)
     assert "cannot connect to it" not in out, out
     print(f"4 engines connected {time.monotonic() - started:.1f} s after the cluster was asked for")
     result = kernel.result(MAP)
     assert result["squares"] == [x * x for x in range(32)]
     assert result["notebook_job"] == notebook_job
     engine_jobs = result["launcher_jobs"]
-    leftovers.extend(engine_jobs)
+    leftovers["jobs"].extend(engine_jobs)
     assert len(engine_jobs) == 4 and result["engines"] == 4
     assert sorted(result["engine_jobs"]) == sorted(engine_jobs) and notebook_job not in engine_jobs
     assert all(squeue_state(job_id) == "RUNNING" for job_id in engine_jobs)
@@ -225,7 +237,7 @@ def test_engines_run_as_batch_jobs_submitted_by_the_hub_and_end_with_their_clust
     broken = kernel.result(BROKEN)
     assert broken["stop"]["exit_code"] == 1, broken
     [failed] = broken["stop"]["engines"].values()
-    leftovers.append(failed["job_id"])
+    leftovers["jobs"].append(failed["job_id"])
     assert failed["state"] == "FAILED" and "Output of engine 0" in broken["out"] and "KeyError" in broken["out"]
     assert "The controller listens on 127.0.0.1 only" in broken["out"]
     assert [r["state"] for r in ledger_engines(hub, "alice") if r["job_id"] == failed["job_id"]] == ["FAILED"]
@@ -233,9 +245,9 @@ def test_engines_run_as_batch_jobs_submitted_by_the_hub_and_end_with_their_clust
              "the engine sets' environment files to be removed")
 
     # engines of a running cluster, then the notebook server stops: they are cancelled with it
-    kernel.run(START.format(n=2))
+    leftovers["clusters"] += re.findall(r"^CLUSTER (\S+)$", kernel.run(START.format(n=2)), re.M)
     second = kernel.result('print("RESULT " + json.dumps([job["job_id"] for job in cluster.engine_set.jobs]))')
-    leftovers.extend(second)
+    leftovers["jobs"].extend(second)
     assert len(second) == 2 and not set(second) & set(engine_jobs)
     assert all(squeue_state(job_id) == "RUNNING" for job_id in second)
     assert browser.api("DELETE", "/users/alice/server").status_code in (202, 204)
@@ -329,7 +341,7 @@ def test_the_engines_api_takes_a_fixed_schema_within_the_servers_bounds_from_its
     assert response.status_code == 201, response.text
     engine_set = response.json()
     [engine] = engine_set["engines"]
-    leftovers.append(engine["job_id"])
+    leftovers["jobs"].append(engine["job_id"])
     job = subprocess.run(["scontrol", "show", "job", engine["job_id"]], capture_output=True, text=True,
                          timeout=10).stdout
     assert "NumCPUs=2" in job and "TimeLimit=00:05:00" in job and re.search(r"mem=300M", job), job
@@ -344,7 +356,7 @@ def test_the_engines_api_takes_a_fixed_schema_within_the_servers_bounds_from_its
     assert requests.get(f"{url}/0000beef", headers={"Authorization": f"token {token}"}, timeout=30).status_code == 404
 
 
-def test_engines_on_the_local_batch_system_by_the_same_path(local_spool, hub_factory, test_users):
+def test_engines_on_the_local_batch_system_by_the_same_path(local_spool, hub_factory, test_users, leftovers):
     """Another scheduler, same launcher and hub code: hpchub's local batch system (the embedded default's).
     (local_spool comes first so that the hub, which cancels its jobs as it stops, stops before the spool goes.)"""
     hub = hub_factory(LOGIN + f'c.JupyterHub.spawner_class = "local"\n'
@@ -353,7 +365,7 @@ def test_engines_on_the_local_batch_system_by_the_same_path(local_spool, hub_fac
     browser.login("alice", PASSWORD)
     spawn_until_ready(hub, browser, "alice")
     kernel = Kernel(hub, "alice")
-    kernel.run(START.format(n=2))
+    leftovers["clusters"] += re.findall(r"^CLUSTER (\S+)$", kernel.run(START.format(n=2)), re.M)
     result = kernel.result("""
 jobs = rc[:].apply_sync(lambda: __import__("os").environ.get("LOCALQ_JOB_ID"))
 print("RESULT " + json.dumps({"sum": sum(rc[:].map_sync(lambda x: x + 1, range(32))), "engine_jobs": jobs,
