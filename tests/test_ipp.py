@@ -381,3 +381,4 @@ print("RESULT " + json.dumps({"sum": sum(rc[:].map_sync(lambda x: x + 1, range(3
              "the local engine jobs to be cancelled")
     assert {r["note"] for r in ledger_engines(hub, "alice")} == {"cancelled: its ipyparallel cluster stopped"}
     assert browser.api("DELETE", "/users/alice/server").status_code in (202, 204)
+    wait_for(lambda: "" not in user_model(hub, "alice")["servers"], 30, "the hub to stop the server")
