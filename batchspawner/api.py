@@ -1,7 +1,11 @@
-"""The hub endpoint a job calls once to say which port its single-user server listens on.
+"""hpchub's hub API endpoints.
 
-Unlike upstream batchspawner's handler, which set any spawner attribute named in the request body, this
-one accepts a fixed schema (`{"port": <int>}`), only from the token of a server whose spawn is pending.
+- `POST /hub/api/batchspawner`: a job says, once, which port its single-user server listens on. Unlike
+  upstream batchspawner's handler, which set any spawner attribute named in the request body, it accepts
+  a fixed schema (`{"port": <int>}`), only from the token of a server whose spawn is pending.
+- `POST /hub/api/batchspawner/preview[?server_name=NAME][&user=NAME]`: the job script that the
+  user_options in the body would submit for the user's server (the spawn form shows it), secrets
+  redacted; 400 naming the field when the options are refused. Needs the `servers` scope on that server.
 """
 from __future__ import annotations
 
@@ -9,7 +13,10 @@ import hmac
 import json
 
 from jupyterhub.apihandlers import APIHandler, default_handlers
+from jupyterhub.scopes import needs_scope
 from tornado import web
+
+from .form import FormError
 
 
 class BatchSpawnerAPIHandler(APIHandler):
@@ -42,7 +49,43 @@ class BatchSpawnerAPIHandler(APIHandler):
         return None
 
 
+class PreviewHandler(APIHandler):
+    """The job script a spawn with the posted user_options would submit, from the spawner's
+    `preview_script(options)`: the same validation and rendering as a submission, nothing submitted."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        current = self.current_user
+        # ?user=NAME: an admin on another user's spawn page previews that user's server
+        user_name = self.get_argument("user", current.name if getattr(current, "kind", None) == "user" else "")
+        if not user_name:
+            raise web.HTTPError(400, "name the user whose server this is: ?user=NAME")
+        await self._preview(user_name=user_name, server_name=self.get_argument("server_name", ""))
+
+    @needs_scope("servers")
+    async def _preview(self, user_name: str, server_name: str) -> None:
+        user = self.find_user(user_name)
+        if user is None:
+            raise web.HTTPError(404, f"no user {user_name!r}")
+        if server_name and server_name not in user.orm_spawners:
+            raise web.HTTPError(404, f"{user_name} has no server named {server_name!r}")
+        spawner = user.spawners[server_name]
+        if not callable(getattr(spawner, "preview_script", None)):
+            raise web.HTTPError(404, "this hub's spawner shows no job script preview")
+        options = self.get_json_body()
+        if not isinstance(options, dict):
+            raise web.HTTPError(400, "expected a JSON object of user options")
+        try:
+            script = await spawner.preview_script(options)
+        except FormError as err:
+            self.set_status(400)
+            self.finish(json.dumps({"status": 400, "field": err.field, "message": str(err)}))
+            return
+        self.finish(json.dumps({"script": script}))
+
+
 # JupyterHub resolves the spawner class before it builds its handlers, so importing this package is
-# enough to serve the endpoint from a plain `jupyterhub` too (as upstream batchspawner does).
-if not any(h[1] is BatchSpawnerAPIHandler for h in default_handlers):
-    default_handlers.append((r"/api/batchspawner", BatchSpawnerAPIHandler))
+# enough to serve the endpoints from a plain `jupyterhub` too (as upstream batchspawner does).
+for _route in ((r"/api/batchspawner", BatchSpawnerAPIHandler), (r"/api/batchspawner/preview", PreviewHandler)):
+    if not any(h[1] is _route[1] for h in default_handlers):
+        default_handlers.append(_route)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import re
 
-_MEMORY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", re.IGNORECASE)
+# ASCII digits only: \d would take other scripts' digits, which float() and int() read as numbers too
+_MEMORY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", re.IGNORECASE | re.ASCII)
 _MEMORY_MB = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}
-_WALLTIME = re.compile(r"\d+-\d+(?::\d+){0,2}|\d+(?::\d+){0,2}")
+_WALLTIME = re.compile(r"\d+-\d+(?::\d+){0,2}|\d+(?::\d+){0,2}", re.ASCII)
 
 
 def parse_memory_mb(text: str) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: batchspawner-singleuser CMD [ARGS...]  (for example jupyterhub-singleuser)")
     bin_dir = os.path.dirname(os.path.abspath(sys.executable))
     os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", os.defpath)])
+    # started in the background by the job script, which makes a shell ignore SIGINT and SIGQUIT: the
+    # server and its kernels must get them back (interrupting a kernel is a SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
     local = os.environ.get("HPCHUB_TUNNEL_LOCAL")
     if local:

@@ -8,18 +8,21 @@ is up (batchspawner.tunnelling).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pwd
 import re
 import socket
 import sys
 import tempfile
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 from urllib.parse import urlsplit
 
 from jupyterhub.spawner import SpawnException, Spawner
+from tornado import web
 from traitlets import Dict, Enum, Float, Integer, List, Unicode, default, validate
 
 from hpchub.ldap import auth_state_hook
@@ -38,9 +41,13 @@ from schedulers import (
     SudoRunner,
     get_adapter,
 )
+from schedulers.base import Associations, PartitionInfo
+from schedulers.limits import PartitionCache
 from tunnel.gateway import TunnelEvent
 
+from .form import Choice, FormError, options_from_form, profile_for, render_form, validate_options, visible_profiles
 from .poller import JobPoller, shared_poller
+from .profiles import Catalog, ClusterSpec, ConfigError, parse_catalog
 from .request import parse_memory_mb, parse_walltime_s
 from .tunnelling import GatewaySettings, HubGateway, shared_gateway
 
@@ -111,6 +118,20 @@ class BatchSpawner(Spawner):
     req_extra_directives = List(
         Unicode(),
         help="Admin-only scheduler directives added verbatim, one per entry, e.g. '--exclusive'.",
+    ).tag(config=True)
+
+    walltime_warnings = List(
+        Integer(min=1),
+        [900, 300],
+        help="Seconds before the job's walltime ends at which JupyterLab warns the user (hpchub's walltime "
+        "extension in the job); [] for none.",
+    ).tag(config=True)
+
+    walltime_signal_lead = Integer(
+        120,
+        min=0,
+        help="Seconds before the walltime ends at which the scheduler signals the job (Slurm --signal, Grid "
+        "Engine s_rt) so that the server shuts down cleanly, saving what it can; 0: no early signal.",
     ).tag(config=True)
 
     @validate("req_memory")
@@ -202,6 +223,23 @@ class BatchSpawner(Spawner):
         "waiting in the queue holds no slot here.",
     ).tag(config=True)
 
+    clusters = Dict(
+        key_trait=Unicode(),
+        value_trait=Dict(),
+        help="""The clusters users may run on, by name: each a table as in hpchub's TOML file (scheduler,
+        runner, ssh, tunnel, job templates, partitions with the admin's caps; see docs/config.md). Used with
+        `profiles`; when `profiles` is empty the req_* settings describe the one job everyone gets.""",
+    ).tag(config=True)
+
+    profiles = List(
+        Dict(),
+        help="""The profiles users choose from in the spawn form (or name in the REST API's user_options), in
+        display order: each a table with a "name", its cluster, defaults, bounds, the fields users may edit,
+        the groups that may use it and the environment set-up (see docs/config.md). Form and REST input are
+        validated against the profile and the partition's live limits; anything else is refused with HTTP
+        400 naming the field.""",
+    ).tag(config=True)
+
     tunnel = Enum(
         ["direct", "reverse"],
         "direct",
@@ -275,6 +313,11 @@ class BatchSpawner(Spawner):
     job_host = Unicode("")
     job_port = Integer(0)
     job_env_file = Unicode("")
+    #: the cluster (of `clusters`) the job runs on; "" without profiles
+    job_cluster = Unicode("")
+    #: the walltime asked for (0: the partition's default, not known here) and when the job started (epoch s)
+    job_walltime_s = Integer(0)
+    job_started = Float(0.0)
     #: the tunnel credential's public part (tunnel.credentials.CredentialStore.state), to restore it after
     #: a hub restart
     job_tunnel = Dict(None, allow_none=True)
@@ -283,6 +326,9 @@ class BatchSpawner(Spawner):
         super().__init__(**kwargs)
         self._port: asyncio.Future[int] | None = None
         self._hub_gateway: HubGateway | None = None
+        #: the validated user options of this spawn (with profiles)
+        self.choice: Choice | None = None
+        self._catalog: tuple[tuple, Catalog | None] | None = None
         self._tunnel_change: dict = {"last_change": None, "reason": ""}
         self._resume: tuple[str, str, str] | None = None
         self._adapter: Adapter | None = None
@@ -296,9 +342,11 @@ class BatchSpawner(Spawner):
         state = super().get_state()
         if self.job_id:
             state.update(job_id=self.job_id, job_tag=self.job_tag, job_host=self.job_host, job_port=self.job_port,
-                         job_env_file=self.job_env_file)
+                         job_env_file=self.job_env_file, job_cluster=self.job_cluster)
             if self.job_tunnel:
                 state["job_tunnel"] = self.job_tunnel
+            if self.job_started:
+                state.update(job_started=self.job_started, job_walltime_s=self.job_walltime_s)
         return state
 
     def load_state(self, state: dict) -> None:
@@ -308,11 +356,15 @@ class BatchSpawner(Spawner):
         self.job_host = state.get("job_host", "")
         self.job_port = state.get("job_port", 0)
         self.job_env_file = state.get("job_env_file", "")
+        self.job_cluster = state.get("job_cluster", "")
         self.job_tunnel = state.get("job_tunnel")
+        self.job_started = state.get("job_started", 0.0)
+        self.job_walltime_s = state.get("job_walltime_s", 0)
 
     def clear_state(self) -> None:
         super().clear_state()
         self.clear_job()
+        self.job_cluster = ""
 
     def _persist_state(self) -> None:
         """Save the job id now: JupyterHub saves state only after start() returns, and a hub restart
@@ -321,19 +373,139 @@ class BatchSpawner(Spawner):
             self.orm_spawner.state = self.get_state()
             self.user.db.commit()
 
+    # -- clusters and profiles ------------------------------------------------------------------
+    @property
+    def catalog(self) -> Catalog | None:
+        """`clusters` and `profiles`, parsed once per configuration; None without profiles."""
+        if not self.profiles:
+            return None
+        key = json.dumps([self.clusters, self.profiles], sort_keys=True, default=str)
+        if key not in _catalogs:
+            try:
+                _catalogs[key] = parse_catalog(self.clusters, self.profiles, source="BatchSpawner.clusters/profiles")
+            except ConfigError as err:
+                raise SpawnException(f"The hub's cluster configuration is invalid: {err}", reason="config",
+                                     status_code=500) from err
+        return _catalogs[key]
+
+    @property
+    def cluster_spec(self) -> ClusterSpec | None:
+        """The cluster this server's job runs on (with profiles): the chosen one, or the saved one."""
+        name = self.job_cluster or (self.choice.cluster.name if self.choice else "")
+        catalog = self.catalog if name else None
+        return catalog.clusters.get(name) if catalog else None
+
+    @property
+    def cluster_name(self) -> str:
+        """How the ledger and the poller name the job's cluster: the cluster's name, else the scheduler."""
+        spec = self.cluster_spec
+        return spec.name if spec else self.scheduler
+
+    @property
+    def tunnel_mode(self) -> str:
+        spec = self.cluster_spec
+        return spec.tunnel if spec else self.tunnel
+
+    def user_groups(self) -> list[str]:
+        """The user's JupyterHub groups and, with LDAP, the directory's groups: what profiles are shown to."""
+        groups = [group.name for group in getattr(self.user, "groups", [])]
+        if self.auth_state_account is not None:
+            groups += list(self.auth_state_account.groups)
+        return list(dict.fromkeys(groups))
+
+    async def live_partitions(self, cluster: ClusterSpec) -> list[PartitionInfo] | None:
+        """The cluster's partitions and limits now (cached about a minute, hub-wide); None when the scheduler
+        cannot say (then only the admin's caps apply)."""
+        cache = _partition_cache(cluster, lambda: self._cluster_adapter(cluster))
+        try:
+            return list((await cache.get()).partitions)
+        except SchedulerError as err:
+            self.log.warning("No partition limits from cluster %s: %s", cluster.name, err)
+            return None
+
+    async def user_associations(self, cluster: ClusterSpec) -> Associations | None:
+        try:
+            return await self._cluster_adapter(cluster).associations(self.run_as_for(cluster) or self.user.name)
+        except SchedulerError as err:
+            self.log.warning("No accounts of %s from cluster %s: %s", self._log_name, cluster.name, err)
+            return None
+
+    async def validate_user_options(self, options: Any) -> Choice:
+        """user_options (from the form or the REST API) -> a Choice; FormError naming the field otherwise.
+        Only the chosen profile's cluster is asked for its live limits."""
+        catalog = self.catalog
+        groups = self.user_groups()
+        cluster = profile_for(options, catalog.profiles, groups).cluster
+        live = await self.live_partitions(cluster)
+        return validate_options(options, profiles=catalog.profiles, user_groups=groups,
+                                partitions={cluster.name: live} if live is not None else {},
+                                associations={cluster.name: await self.user_associations(cluster)})
+
+    @default("apply_user_options")
+    def _default_apply_user_options(self) -> Any:
+        return _apply_profile_options
+
+    @default("options_form")
+    def _default_options_form(self) -> Any:
+        return _render_options_form if self.profiles else ""
+
+    @default("options_from_form")
+    def _default_options_from_form(self) -> Any:
+        return options_from_form if self.profiles else self._passthrough_options_from_form
+
+    async def options_form_html(self) -> str:
+        """The spawn form: the profiles the user may use, each with the live limits of its partitions, the
+        user's accounts, and the last choices pre-filled."""
+        profiles = visible_profiles(self.catalog.profiles, self.user_groups())
+        clusters = {profile.cluster.name: profile.cluster for profile in profiles}
+        partitions, associations = {}, {}
+        for name, cluster in clusters.items():
+            live = await self.live_partitions(cluster)
+            if live is not None:
+                partitions[name] = live
+            associations[name] = await self.user_associations(cluster)
+        return render_form(profiles, partitions=partitions, associations=associations,
+                           last=self.orm_spawner.user_options if self.orm_spawner is not None else None,
+                           user_name=self.user.name, server_name=self.name or "")
+
+    async def preview_script(self, options: Any) -> str:
+        """The job script a spawn with `options` would submit now (FormError when they are refused). It
+        holds no secret: tokens and keys go to the job's private environment file."""
+        if self.catalog is None:
+            raise FormError("profile", "this hub has no profiles to choose from")
+        choice = await self.validate_user_options(options)
+        saved = (self.choice, self.job_cluster, self.job_tag, self.job_env_file)
+        try:
+            self.choice, self.job_cluster = choice, choice.cluster.name
+            self.job_tag = "preview"
+            home = await self.user_home()
+            self.job_env_file = os.path.join(self._format(self.job_run_dir, home), f"{self.job_tag}.env")
+            return self.render_script(self.build_request(home))
+        finally:
+            self.choice, self.job_cluster, self.job_tag, self.job_env_file = saved
+
     # -- the pieces ---------------------------------------------------------------------------
     def make_runner(self) -> Runner:
-        name = self.runner
-        if name == "auto":
-            name = "sudo" if os.geteuid() == 0 else "local"
-        return RUNNERS[name]()
+        return _make_runner(self.runner, None)
 
     def adapter_kwargs(self) -> dict:
         """Extra keyword arguments for this scheduler's adapter."""
         return {}
 
+    def _cluster_adapter(self, cluster: ClusterSpec) -> Adapter:
+        known = _cluster_adapters.get(cluster.name)
+        if known is None or known[0] != cluster:
+            adapter = get_adapter(cluster.scheduler)(_make_runner(cluster.runner, cluster),
+                                                     command_timeout=cluster.command_timeout,
+                                                     **cluster.adapter_kwargs())
+            _cluster_adapters[cluster.name] = known = (cluster, adapter)
+        return known[1]
+
     @property
     def adapter(self) -> Adapter:
+        spec = self.cluster_spec
+        if spec is not None:
+            return self._cluster_adapter(spec)
         if self._adapter is None:
             adapter_class = get_adapter(self.scheduler)
             self._adapter = adapter_class(self.make_runner(), command_timeout=self.command_timeout,
@@ -353,6 +525,11 @@ class BatchSpawner(Spawner):
             return None
         return self.auth_state_account.name if self.auth_state_account else self.user.name
 
+    def run_as_for(self, cluster: ClusterSpec) -> str | None:
+        if not self._cluster_adapter(cluster).runner.switches_user:
+            return None
+        return self.auth_state_account.name if self.auth_state_account else self.user.name
+
     async def user_home(self) -> str:
         """Home directory of the account the job runs as: the directory's, else NSS (which may itself be
         LDAP: looked up off the event loop)."""
@@ -368,14 +545,37 @@ class BatchSpawner(Spawner):
     def build_request(self, home: str) -> JobRequest:
         log_dir = self._format(self.job_log_dir, home)
         try:
-            return self._request(home, log_dir)
+            request = self._request(home, log_dir)
         except InvalidRequest as err:
             raise SpawnException(f"Cannot submit this job: {err}", reason="invalid-request") from err
+        self.job_walltime_s = request.walltime_s or 0
+        return request
+
+    def get_env(self) -> dict[str, str]:
+        env = super().get_env()
+        if self.job_walltime_s:
+            # for the walltime extension in the job's server (hpchub.walltime)
+            env["HPCHUB_WALLTIME_S"] = str(self.job_walltime_s)
+            env["HPCHUB_WALLTIME_WARNINGS"] = ",".join(str(s) for s in sorted(self.walltime_warnings, reverse=True))
+        return env
+
+    @property
+    def walltime_left_s(self) -> int | None:
+        """Seconds of walltime the running job has left (from when the hub saw it start), None if unknown."""
+        if not (self.job_started and self.job_walltime_s):
+            return None
+        return max(0, int(self.job_started + self.job_walltime_s - time.time()))
 
     def _request(self, home: str, log_dir: str) -> JobRequest:
+        # the name is only a label: characters a scheduler would refuse become '-'
+        name = re.sub(r"[^A-Za-z0-9_.+-]", "-", self._format(self.job_name, home))
+        output = os.path.join(log_dir, "jupyterhub-%j.log")
+        signal_lead = self.walltime_signal_lead or None
+        if self.choice is not None:
+            return self.choice.job_request(name=name, tag=self.job_tag, workdir=home, output=output,
+                                           signal_before_end_s=signal_lead)
         return JobRequest(
-            # the name is only a label: characters a scheduler would refuse become '-'
-            name=re.sub(r"[^A-Za-z0-9_.+-]", "-", self._format(self.job_name, home)),
+            name=name,
             tag=self.job_tag,
             cores=self.req_nprocs,
             memory_mb=parse_memory_mb(self.req_memory),
@@ -387,28 +587,31 @@ class BatchSpawner(Spawner):
             reservation=self.req_reservation or None,
             constraint=self.req_constraint or None,
             workdir=home,
-            output=os.path.join(log_dir, "jupyterhub-%j.log"),
+            output=output,
             env_setup=tuple(self.req_prologue),
             extra_directives=tuple(self.req_extra_directives),
+            signal_before_end_s=signal_lead,
         )
 
     def render_script(self, request: JobRequest) -> str:
         try:
+            spec = self.cluster_spec
             return render_job_script(
-                self.job_template or self.adapter.template,
+                (spec.job_template if spec else "") or self.job_template or self.adapter.template,
                 request,
                 user=self.user.name,
                 env_file=self.job_env_file,
                 command=self.job_command(),
-                template_dirs=self.job_template_dirs,
+                template_dirs=(spec.job_template_dirs if spec else ()) or self.job_template_dirs,
             )
         except TemplateValueError as err:
             raise SpawnException(f"Cannot build the job script: {err}", reason="invalid-request") from err
 
     def job_command(self) -> list[str]:
         """What the job runs: the server behind its wrapper, behind the tunnel client in reverse mode."""
-        server = [*self.batchspawner_singleuser_cmd, *self.cmd, *self.get_args()]
-        if self.tunnel == "direct":
+        prefix = self.choice.command_prefix if self.choice is not None else ()
+        server = [*prefix, *self.batchspawner_singleuser_cmd, *self.cmd, *self.get_args()]
+        if self.tunnel_mode == "direct":
             return server
         settings = self.gateway_settings()
         return [
@@ -429,8 +632,9 @@ class BatchSpawner(Spawner):
 
     def gateway_settings(self) -> GatewaySettings:
         api = urlsplit(self.hub.api_url)
+        spec = self.cluster_spec
         return GatewaySettings(
-            ip=self.tunnel_gateway_ip, port=self.tunnel_gateway_port,
+            ip=self.tunnel_gateway_ip, port=spec.gateway[1] if spec and spec.gateway else self.tunnel_gateway_port,
             host_key_file=os.path.abspath(self.tunnel_host_key_file),
             hub_api=(api.hostname or "127.0.0.1", api.port or (443 if api.scheme == "https" else 80)),
             keepalive_interval=self.tunnel_keepalive_interval,
@@ -438,6 +642,9 @@ class BatchSpawner(Spawner):
 
     def gateway_address(self) -> str:
         """The gateway's address as jobs dial it."""
+        spec = self.cluster_spec
+        if spec is not None and spec.gateway:
+            return spec.gateway[0]
         if self.tunnel_gateway_address:
             return self.tunnel_gateway_address
         if self.tunnel_gateway_ip not in ("", "0.0.0.0", "::"):
@@ -451,7 +658,7 @@ class BatchSpawner(Spawner):
                 self._hub_gateway = await shared_gateway(self.gateway_settings(), self.log)
             except (OSError, ValueError) as err:
                 raise SpawnException(f"The hub's tunnel gateway cannot start on {self.tunnel_gateway_ip}:"
-                                     f"{self.tunnel_gateway_port}: {err}", reason="tunnel-gateway",
+                                     f"{self.gateway_settings().port}: {err}", reason="tunnel-gateway",
                                      status_code=500) from err
         return self._hub_gateway
 
@@ -467,7 +674,7 @@ class BatchSpawner(Spawner):
         self._refuse_root()
         self._port = asyncio.get_running_loop().create_future()
         self._events = []
-        if self.tunnel == "reverse":
+        if self.tunnel_mode == "reverse":
             await self.hub_gateway()
         home = await self.user_home()
         if await self._adopt_queued_job():
@@ -479,9 +686,10 @@ class BatchSpawner(Spawner):
             await self._submit(home, request)
         try:
             status = await self._wait_until_running(request)
+            self.job_started = time.time()
             self.job_host = self.node_host(status)
             self._event(f"Job {self.job_id} is running on {self.job_host}; starting JupyterLab", 50)
-            if self.tunnel == "reverse":
+            if self.tunnel_mode == "reverse":
                 return await self._start_tunnelled(request)
             self.job_port = await self._wait_for_server(self._port, request, "report its port")
         except BaseException:
@@ -506,7 +714,7 @@ class BatchSpawner(Spawner):
         return endpoint.url
 
     async def _submit(self, home: str, request: JobRequest) -> None:
-        async with _submission_slots(self.scheduler, self.max_concurrent_submissions):
+        async with _submission_slots(self.cluster_name, self.max_concurrent_submissions):
             await self._submit_now(home, request)
 
     async def _submit_now(self, home: str, request: JobRequest) -> None:
@@ -514,7 +722,7 @@ class BatchSpawner(Spawner):
         script = self.render_script(request)
         await self._write_job_files(os.path.dirname(request.output or ""))
         await self.ledger.record_submission(tag=self.job_tag, user=self.user.name, server_name=self.name or "",
-                                            cluster=self.scheduler, request=request, script=script,
+                                            cluster=self.cluster_name, request=request, script=script,
                                             log_path=request.output or "")
         try:
             self.job_id = await self.adapter.submit(script, request, user=self.run_as)
@@ -571,6 +779,8 @@ class BatchSpawner(Spawner):
         self.job_id = self.job_tag = self.job_host = self.job_env_file = ""
         self.job_port = 0
         self.job_tunnel = None
+        self.job_started = 0.0
+        self.job_walltime_s = 0
 
     async def _as_user(self, argv: list[str], what: str, *, stdin: str | None = None) -> None:
         """Run a file command as the job's user; failures become a SpawnException saying `what` failed."""
@@ -592,7 +802,7 @@ class BatchSpawner(Spawner):
         """The server's environment (this spawn's tokens, and in reverse mode a fresh tunnel credential) into
         the job's file, which the job reads at start."""
         env = self.get_env()
-        if self.tunnel == "reverse":
+        if self.tunnel_mode == "reverse":
             env.update(await self._issue_tunnel_credential())
         await self._as_user(["dd", f"of={self.job_env_file}", "status=none"],
                             f"write the job environment file {self.job_env_file}",
@@ -633,7 +843,7 @@ class BatchSpawner(Spawner):
         """Asked by JupyterHub at start-up for a server that poll() says runs: in reverse mode, the endpoint
         once the job's tunnel has reconnected (within http_timeout; after that JupyterHub, finding nothing
         at port 0, stops the server)."""
-        if self.tunnel == "reverse" and self.job_tag and self._hub_gateway is not None:
+        if self.tunnel_mode == "reverse" and self.job_tag and self._hub_gateway is not None:
             try:
                 endpoint = await self._hub_gateway.gateway.wait_up(self.job_tag, self.http_timeout)
             except asyncio.TimeoutError:
@@ -656,7 +866,7 @@ class BatchSpawner(Spawner):
     def tunnel_status(self) -> dict:
         """The tunnel as the hub sees it now: {"mode": "direct"} or {"mode": "reverse", "up": bool,
         "endpoint": "127.0.0.1:PORT" or None, "last_change": ISO time or None, "reason": why it went down}."""
-        if self.tunnel == "direct":
+        if self.tunnel_mode == "direct":
             return {"mode": "direct"}
         endpoint = None
         if self._hub_gateway is not None and self.job_tag:
@@ -706,8 +916,8 @@ class BatchSpawner(Spawner):
     def poller(self) -> JobPoller:
         """The hub-wide poller of this scheduler, shared with every other server's spawner."""
         runner = self.adapter.runner
-        key = (self.scheduler, type(runner), tuple(sorted(self.adapter_kwargs().items())))
-        ledger, cluster = self.ledger, self.scheduler
+        key = (self.cluster_name, type(runner), tuple(sorted(self.adapter_kwargs().items())))
+        ledger, cluster = self.ledger, self.cluster_name
 
         async def record(statuses: dict[str, JobStatus]) -> None:
             await ledger.update(cluster, statuses.values())
@@ -836,7 +1046,7 @@ class BatchSpawner(Spawner):
             return 0
         status = await self.poller.refresh(self.job_id)
         if not status.state.is_terminal:
-            if self.tunnel == "reverse" and self.job_tunnel and not self._spawn_pending:
+            if self.tunnel_mode == "reverse" and self.job_tunnel and not self._spawn_pending:
                 await self._reattach_tunnel()
             # unknown is not gone: a scheduler hiccup must not mark a running server stopped
             return None
@@ -920,6 +1130,48 @@ class BatchSpawner(Spawner):
 
 
 _submission_semaphores: dict[str, asyncio.Semaphore] = {}
+
+
+_catalogs: dict[str, Catalog] = {}
+_cluster_adapters: dict[str, tuple[ClusterSpec, Adapter]] = {}
+_partition_caches: dict[str, tuple[Adapter, PartitionCache]] = {}
+
+
+def _make_runner(name: str, cluster: ClusterSpec | None) -> Runner:
+    if name == "auto":
+        name = "sudo" if os.geteuid() == 0 else "local"
+    if name == "ssh":
+        from schedulers.ssh import SSHRunner
+
+        ssh = cluster.ssh
+        return SSHRunner(ssh.host, username=ssh.user, client_keys=list(ssh.client_keys), known_hosts=ssh.known_hosts,
+                         port=ssh.port)
+    return RUNNERS[name]()
+
+
+def _partition_cache(cluster: ClusterSpec, adapter: Any) -> PartitionCache:
+    """The hub-wide partition cache of `cluster`, renewed when its adapter was (a changed configuration)."""
+    current = adapter()
+    known = _partition_caches.get(cluster.name)
+    if known is None or known[0] is not current:
+        _partition_caches[cluster.name] = known = (current, PartitionCache(current))
+    return known[1]
+
+
+async def _apply_profile_options(spawner: BatchSpawner, user_options: Any) -> None:
+    """JupyterHub's apply_user_options hook: with profiles, validate the options before anything is submitted
+    (HTTP 400 naming the field). Without profiles, options change nothing: the admin's req_* settings apply."""
+    if not isinstance(spawner, BatchSpawner) or spawner.catalog is None:
+        return
+    try:
+        spawner.choice = await spawner.validate_user_options(user_options)
+    except FormError as err:
+        raise web.HTTPError(400, str(err)) from err
+    spawner.job_cluster = spawner.choice.cluster.name
+
+
+async def _render_options_form(spawner: BatchSpawner) -> str:
+    return await spawner.options_form_html()
 
 
 def _beside_python(program: str) -> str:

@@ -69,7 +69,7 @@ _VALIDATED = {
     "name": _WORD, "tag": _WORD, "partition": _WORD, "gpu_type": _WORD, "parallel_environment": _WORD, "account": _WORD, "qos": _WORD, "reservation": _WORD,
     "constraint": _CONSTRAINT, "workdir": _PATH, "output": _PATH, "error": _PATH,
 }
-_AT_LEAST = {"cores": 1, "nodes": 1, "gpus": 0, "memory_mb": 1, "walltime_s": 1}
+_AT_LEAST = {"cores": 1, "nodes": 1, "gpus": 0, "memory_mb": 1, "walltime_s": 1, "signal_before_end_s": 1}
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,9 @@ class JobRequest:
     error: str | None = None
     env_setup: tuple[str, ...] = ()
     extra_directives: tuple[str, ...] = ()
+    #: ask the scheduler to signal the job this many seconds before its walltime ends, so that the server
+    #: shuts down cleanly (where the scheduler can: Slurm --signal, Grid Engine s_rt)
+    signal_before_end_s: int | None = None
 
     def __post_init__(self) -> None:
         for item in fields(self):

@@ -1,6 +1,7 @@
 """Job scripts: directives come only from the admin's template, user values only as data."""
 from __future__ import annotations
 
+import signal
 import subprocess
 
 import pytest
@@ -68,16 +69,47 @@ def test_local_directives():
 
 
 def test_the_script_holds_no_secret_and_sources_the_environment_file(tmp_path):
-    """Run the script's body in bash (exec replaced by printing) and compare what bash sees."""
+    """Run the script in bash with a command that prints what it sees."""
     env_path = tmp_path / "job.env"
     env_path.write_text(render_env_file(ENV))
+    show = ["bash", "-c", 'printf "%s\\n" "$JUPYTERHUB_API_TOKEN" "$ODD" "$@"', "show", *COMMAND]
     script = render_job_script("slurm.sh.j2", JobRequest(name="n", tag="t"), user="alice", env_file=str(env_path),
-                               command=COMMAND)
+                               command=show)
     assert "s3cret" not in script
-    probe = script.replace("exec ", "printf '%s\\n' \"$JUPYTERHUB_API_TOKEN\" \"$ODD\" ", 1)
-    out = subprocess.run(["bash", "-c", probe.split("\n", 1)[1]], capture_output=True, text=True, timeout=10)
+    out = subprocess.run(["bash", "-c", script.split("\n", 1)[1]], capture_output=True, text=True, timeout=10)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[1:] == ["s3cret token", "it's $(rm -rf ~) `x`", *COMMAND]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("hpchub: job started") and lines[-1].startswith("hpchub: job ended")
+    assert lines[1:-1] == ["s3cret token", "it's $(rm -rf ~) `x`", *COMMAND]
+
+
+@pytest.mark.parametrize("signal_name", ["TERM", "USR1"])
+def test_the_schedulers_signal_reaches_the_server_as_sigterm_and_its_status_is_the_jobs(tmp_path, signal_name):
+    """Slurm's --signal=B:TERM and Grid Engine's SIGUSR1 at s_rt reach the job's shell: the server gets SIGTERM,
+    shuts down its way, and its exit status (0) is the job's."""
+    env_path = tmp_path / "job.env"
+    env_path.write_text(render_env_file(ENV))
+    server = ["bash", "-c", 'trap "echo clean shutdown; exit 0" TERM; echo serving; while :; do sleep 0.1; done']
+    script = render_job_script("sge.sh.j2", JobRequest(name="n", tag="t"), user="alice", env_file=str(env_path),
+                               command=server)
+    job = subprocess.Popen(["bash", "-c", script.split("\n", 1)[1]], stdout=subprocess.PIPE, text=True)
+    assert job.stdout.readline().startswith("hpchub: job started")
+    assert job.stdout.readline() == "serving\n"
+    job.send_signal(getattr(signal, f"SIG{signal_name}"))
+    out, _ = job.communicate(timeout=10)
+    assert job.returncode == 0
+    assert out.splitlines()[0] == "clean shutdown" and "with status 0" in out.splitlines()[-1]
+
+
+def test_walltime_signal_directives():
+    request = JobRequest(name="n", tag="t", walltime_s=3600, signal_before_end_s=300)
+    slurm = render_job_script("slurm.sh.j2", request, user="alice", env_file="/e", command=["c"])
+    sge = render_job_script("sge.sh.j2", request, user="alice", env_file="/e", command=["c"])
+    assert "#SBATCH --time=0-01:00:00" in slurm and "#SBATCH --signal=B:TERM@300" in slurm
+    assert "#$ -l h_rt=01:00:00" in sge and "#$ -l s_rt=00:55:00" in sge
+    # a lead as long as the walltime would signal at once: no signal
+    short = JobRequest(name="n", tag="t", walltime_s=300, signal_before_end_s=300)
+    assert "#SBATCH --signal" not in render_job_script("slurm.sh.j2", short, user="alice", env_file="/e", command=["c"])
 
 
 @pytest.mark.parametrize("field,value", [

@@ -422,6 +422,10 @@ async def run(opts: Options, mode: str, command: list[str]) -> int:
         elif stopping.is_set():
             status = 128 + stop_signal[0]
             log(f"stopping on signal {stop_signal[0]}")
+            if child is not None:       # the command's own exit is the job's: 0 when it shut down cleanly
+                await terminate(child)
+                status = child.returncode if child.returncode >= 0 else 128 - child.returncode
+                log(f"{command[0]} exited with status {status}")
         else:
             try:
                 keeper.result()
