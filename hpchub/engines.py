@@ -2,10 +2,10 @@
 
 A notebook server asks with its own token (`POST /hub/api/hpchub/engines`, a fixed schema: how many engines,
 optional cores, memory and walltime within the server's own, and the path of its controller's engine
-connection file). The hub builds each engine's job from the admin's template and the server's settings
-(partition, account, QOS, reservation, constraint, set-up lines), runs a fixed command
-(`ipengine --file=PATH`), submits one job per engine as the user, records each in the job ledger and follows
-it with the shared poller. Engine jobs end when their cluster is stopped (`DELETE`), when their server stops
+connection file). The hub builds each engine's job from the admin's template and the server's own job as it
+was submitted (cluster, partition, account, QOS, reservation, constraint, set-up lines: the profile's and the
+user's choices included), runs a fixed command (`ipengine --file=PATH`, behind the profile's command prefix),
+submits one job per engine as the user, records each in the job ledger and follows it with the shared poller. Engine jobs end when their cluster is stopped (`DELETE`), when their server stops
 (`cancel_engines`, from BatchSpawner.stop), or at their walltime.
 
 Ledger convention: an engine job's tag is `<its server's job tag>-ipp-<set id>-<index>` (`parse_engine_tag`)
@@ -19,7 +19,7 @@ import json
 import os
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Awaitable, Callable
 
 from jupyterhub.apihandlers import APIHandler, default_handlers
@@ -29,7 +29,7 @@ from tornado import web
 from traitlets import Integer, List, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
-from job_templates import TemplateValueError, render_env_file, render_job_script
+from job_templates import TemplateValueError, hms, render_env_file, render_job_script
 from schedulers import InvalidRequest, JobRequest, SchedulerError, SubmitRejected
 
 from .ledger import ENDED_STATES, JobRecord, Ledger
@@ -206,17 +206,18 @@ class EngineJobs:
         self._check_count(request.n, 0)   # at once: nothing is built for a request that cannot be met
         home = await spawner.user_home()
         self._check_path(request.connection_file, home)
-        resources = self._resources(request)
+        server = await self._server_request()
+        resources = self._resources(request, server)
         await self._check_connection_file(request.connection_file)
         set_id = secrets.token_hex(4)
         env_file = _env_file(spawner, home, self.parent, set_id)
-        jobs = [self._job(EngineTag(self.parent, set_id, index), resources, home, env_file, request.connection_file)
+        jobs = [self._job(EngineTag(self.parent, set_id, index), server, resources, env_file, request.connection_file)
                 for index in range(request.n)]
         async with _user_lock(spawner.user.name):
             await self._check_limit(request.n)
             for tag, job_request, script in jobs:
                 await self.ledger.record_submission(
-                    tag=tag, user=spawner.user.name, server_name=spawner.name or "", cluster=spawner.scheduler,
+                    tag=tag, user=spawner.user.name, server_name=spawner.name or "", cluster=spawner.cluster_name,
                     request=job_request, script=script, log_path=job_request.output or "")
         try:
             await _write_job_files(spawner, env_file, os.path.dirname(jobs[0][1].output or ""), set_id)
@@ -282,62 +283,75 @@ class EngineJobs:
             raise EngineRefused(400, f"connection_file: {path} has mode {mode:o}: it holds the cluster's key, so only "
                                 "its owner may read it (chmod 600)")
 
-    def _resources(self, request: EngineRequest) -> _Resources:
+    async def _server_request(self) -> JobRequest:
+        """What the server's own job was submitted with (its ledger row): the engines' bounds and settings, the
+        user's profile choices included, also after a hub restart."""
+        record = await self.ledger.get(self.parent)
+        if record is None:
+            raise EngineRefused(409, f"the job ledger has no record of this server's job ({self.parent})")
+        known = {item.name for item in fields(JobRequest)}
+        values = {name: value for name, value in record.request.items() if name in known}
+        for name in ("env_setup", "extra_directives"):
+            values[name] = tuple(values.get(name) or ())
+        return JobRequest(**values)
+
+    def _resources(self, request: EngineRequest, server: JobRequest) -> _Resources:
         """The request's cores, memory and walltime, each at most the server's own; the admin's defaults else."""
         from batchspawner.request import parse_memory_mb, parse_walltime_s
 
-        spawner, settings = self.spawner, self.settings
+        settings = self.settings
         cores = request.cores or settings.default_cores
-        if request.cores is not None and request.cores > spawner.req_nprocs:
-            raise EngineRefused(400, f"cores: {request.cores} is more than this server's own {spawner.req_nprocs}")
-        server_memory = parse_memory_mb(spawner.req_memory)
+        if request.cores is not None and request.cores > server.cores:
+            raise EngineRefused(400, f"cores: {request.cores} is more than this server's own {server.cores}")
         memory = parse_memory_mb(settings.default_memory)
         if request.memory is not None:
             memory = _parsed("memory", parse_memory_mb, request.memory)
-            if server_memory is None:
+            if server.memory_mb is None:
                 raise EngineRefused(400, "memory: this server has the scheduler's default memory, so its engines do "
                                     "too; leave memory out")
-            if memory > server_memory:
+            if memory > server.memory_mb:
                 raise EngineRefused(400, f"memory: {request.memory} is more than this server's own "
-                                    f"{spawner.req_memory}")
-        server_walltime = parse_walltime_s(spawner.req_runtime)
-        walltime = parse_walltime_s(settings.default_walltime) or server_walltime
+                                    f"{server.memory_mb} MB")
+        walltime = parse_walltime_s(settings.default_walltime) or server.walltime_s
         if request.walltime is not None:
             walltime = _parsed("walltime", parse_walltime_s, request.walltime)
-            if server_walltime is not None and walltime > server_walltime:
+            if server.walltime_s is not None and walltime > server.walltime_s:
                 raise EngineRefused(400, f"walltime: {request.walltime} is longer than this server's own "
-                                    f"{spawner.req_runtime}")
+                                    f"{hms(server.walltime_s)}")
         return _Resources(cores, memory, walltime)
 
-    def _job(self, tag: EngineTag, resources: _Resources, home: str, env_file: str,
+    def _job(self, tag: EngineTag, server: JobRequest, resources: _Resources, env_file: str,
              connection_file: str) -> tuple[str, JobRequest, str]:
+        """An engine's job: the server's partition, account, QOS, reservation, constraint, working directory and
+        set-up lines; its own name, resources, output and directives; no GPU and no early walltime signal."""
         spawner, settings = self.spawner, self.settings
-        log_dir = _format(spawner.job_log_dir, spawner, home)
+        spec = spawner.cluster_spec
+        prefix = spawner.choice.command_prefix if spawner.choice is not None else ()
         name = settings.job_name.format(username=spawner.user.name, servername=spawner.name or "")
         try:
-            request = JobRequest(
+            request = replace(
+                server,
                 name=re.sub(r"[^A-Za-z0-9_.+-]", "-", name),
                 tag=str(tag),
+                nodes=1,
                 cores=resources.cores,
                 memory_mb=resources.memory_mb,
+                gpus=0,
+                gpu_type=None,
                 walltime_s=resources.walltime_s,
-                partition=spawner.req_partition or None,
-                account=spawner.req_account or None,
-                qos=spawner.req_qos or None,
-                reservation=spawner.req_reservation or None,
-                constraint=spawner.req_constraint or None,
-                workdir=home,
-                output=os.path.join(log_dir, "ipengine-%j.log"),
-                env_setup=tuple(spawner.req_prologue),
+                output=os.path.join(os.path.dirname(server.output or server.workdir or "/"), "ipengine-%j.log"),
+                error=None,
                 extra_directives=tuple(settings.extra_directives),
+                signal_before_end_s=None,
             )
             script = render_job_script(
-                settings.job_template or spawner.job_template or spawner.adapter.template,
+                settings.job_template or (spec.job_template if spec else "") or spawner.job_template
+                or spawner.adapter.template,
                 request,
                 user=spawner.user.name,
                 env_file=env_file,
-                command=[*settings.engine_command, f"--file={connection_file}"],
-                template_dirs=spawner.job_template_dirs,
+                command=[*prefix, *settings.engine_command, f"--file={connection_file}"],
+                template_dirs=(spec.job_template_dirs if spec else ()) or spawner.job_template_dirs,
             )
         except InvalidRequest as err:
             raise EngineRefused(400, f"cannot build an engine job: {err}") from err
@@ -363,7 +377,7 @@ class EngineJobs:
         from batchspawner.spawner import _submission_slots
 
         spawner = self.spawner
-        slots = _submission_slots(spawner.scheduler, spawner.max_concurrent_submissions)
+        slots = _submission_slots(spawner.cluster_name, spawner.max_concurrent_submissions)
 
         async def submit(job_request: JobRequest, script: str) -> str:
             async with slots:

@@ -312,7 +312,7 @@ def test_the_engines_api_takes_a_fixed_schema_within_the_servers_bounds_from_its
         "directives": ({**good, "extra_directives": ["--exclusive"]}, "unknown fields ['extra_directives']"),
         "a command": ({**good, "command": ["/bin/sh"]}, "unknown fields ['command']"),
         "more cores than the server": ({**good, "cores": 3}, "more than this server's own 2"),
-        "more memory than the server": ({**good, "memory": "1G"}, "more than this server's own 500M"),
+        "more memory than the server": ({**good, "memory": "1G"}, "more than this server's own 500 MB"),
         "longer than the server": ({**good, "walltime": "01:00:00"}, "longer than this server's own 00:10:00"),
         "not a walltime": ({**good, "walltime": "soon"}, "is not a walltime"),
         "outside the home": ({**good, "connection_file": "/etc/hpchub-engine.json"}, "inside /home/alice/"),
@@ -382,3 +382,47 @@ print("RESULT " + json.dumps({"sum": sum(rc[:].map_sync(lambda x: x + 1, range(3
     assert {r["note"] for r in ledger_engines(hub, "alice")} == {"cancelled: its ipyparallel cluster stopped"}
     assert browser.api("DELETE", "/users/alice/server").status_code in (202, 204)
     wait_for(lambda: "" not in user_model(hub, "alice")["servers"], 30, "the hub to stop the server")
+
+
+PROFILES = LOGIN + """
+c.JupyterHub.spawner_class = "batchspawner.BatchSpawner"
+c.BatchSpawner.clusters = {"hpc": {"display_name": "Slurm test cluster", "scheduler": "slurm",
+                                   "partitions": {"debug": {"max_walltime": "01:00:00"},
+                                                  "long": {"max_walltime": "02:00:00"}}}}
+c.BatchSpawner.profiles = [
+    {"name": "standard", "display_name": "Standard", "cluster": "hpc", "partitions": ["debug", "long"],
+     "defaults": {"partition": "debug", "cores": 1, "memory": "500M", "walltime": "00:10:00"},
+     "bounds": {"cores": {"max": 2}}, "user_editable": ["partition", "cores", "memory", "walltime"]},
+]
+"""
+
+
+def test_engines_take_the_servers_profile_choices(hub_factory, slurm_cluster, test_users, connection_files,
+                                                  leftovers):
+    """With profiles, the server's job is what the user chose: its engines get that partition and those bounds."""
+    hub = hub_factory(PROFILES)
+    browser = Browser(hub.url)
+    browser.login("alice", PASSWORD)
+    options = {"profile": "standard", "partition": "long", "cores": 2, "memory": "500M", "walltime": "00:20:00"}
+    assert browser.api("POST", "/users/alice/server", json=options).status_code in (201, 202)
+    server = wait_for(lambda: (user_model(hub, "alice")["servers"].get("") or {}).get("ready")
+                      and user_model(hub, "alice")["servers"][""], 120, "alice's server")
+    env_file = Path(server["state"]["job_env_file"])
+    token = re.search(r"^export JUPYTERHUB_API_TOKEN=(\S+)$", env_file.read_text(), re.M).group(1).strip("'")
+    headers = {"Authorization": f"token {token}"}
+    url = f"{hub.url}/hub/api/hpchub/engines"
+    body = {"n": 1, "connection_file": str(connection_files(0o600))}
+
+    too_long = requests.post(url, json={**body, "walltime": "00:30:00"}, headers=headers, timeout=60)
+    assert too_long.status_code == 400 and "this server's own 00:20:00" in too_long.json()["message"], too_long.text
+    response = requests.post(url, json={**body, "cores": 2}, headers=headers, timeout=60)
+    assert response.status_code == 201, response.text
+    [engine] = response.json()["engines"]
+    leftovers["jobs"].append(engine["job_id"])
+    job = subprocess.run(["scontrol", "show", "job", engine["job_id"]], capture_output=True, text=True,
+                         timeout=10).stdout
+    assert "Partition=long" in job and "NumCPUs=2" in job and "TimeLimit=00:20:00" in job, job
+    [row] = ledger_engines(hub, "alice")
+    assert row["cluster"] == "hpc" and row["job_id"] == engine["job_id"]
+    assert browser.api("DELETE", "/users/alice/server").status_code in (202, 204)
+    wait_for(lambda: all_ended([engine["job_id"], server["state"]["job_id"]]), 30, "the jobs to end", 0.2)
