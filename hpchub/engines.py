@@ -5,8 +5,9 @@ optional cores, memory and walltime within the server's own, and the path of its
 connection file). The hub builds each engine's job from the admin's template and the server's own job as it
 was submitted (cluster, partition, account, QOS, reservation, constraint, set-up lines: the profile's and the
 user's choices included), runs a fixed command (`ipengine --file=PATH`, behind the profile's command prefix),
-submits one job per engine as the user, records each in the job ledger and follows it with the shared poller. Engine jobs end when their cluster is stopped (`DELETE`), when their server stops
-(`cancel_engines`, from BatchSpawner.stop), or at their walltime.
+submits one job per engine as the user, records each in the job ledger and follows it with the shared poller.
+Engine jobs end when their cluster is stopped (`DELETE`), when their server stops (`cancel_engines`, from
+BatchSpawner.stop), or at their walltime.
 
 Ledger convention: an engine job's tag is `<its server's job tag>-ipp-<set id>-<index>` (`parse_engine_tag`)
 and its server_name is its server's, so a row names its parent server and, through the tag, the server's job.
