@@ -5,6 +5,7 @@ the same environment.
 """
 from . import api  # noqa: F401  (registers /hub/api/batchspawner)
 from .spawner import BatchSpawner, GridEngineSpawner, LocalBatchSpawner, PBSSpawner, SlurmSpawner
+from hpchub import engines  # noqa: E402,F401  (registers /hub/api/hpchub/engines)
 
 from hpchub import api as _status_api  # noqa: E402, F401  (registers /hub/api/hpchub/..., for hpchub-status)
 
