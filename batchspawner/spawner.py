@@ -25,6 +25,7 @@ from jupyterhub.spawner import SpawnException, Spawner
 from tornado import web
 from traitlets import Dict, Enum, Float, Integer, List, Unicode, default, validate
 
+from hpchub.engines import cancel_engines
 from hpchub.ldap import auth_state_hook
 from hpchub.ledger import Ledger, shared_ledger
 from job_templates import TemplateValueError, render_env_file, render_job_script
@@ -164,7 +165,7 @@ class BatchSpawner(Spawner):
 
     @default("batchspawner_singleuser_cmd")
     def _default_singleuser_cmd(self) -> list[str]:
-        return [_beside_python("batchspawner-singleuser")]
+        return [beside_python("batchspawner-singleuser")]
 
     ledger_url = Unicode(
         "sqlite:///hpchub_ledger.sqlite",
@@ -292,7 +293,7 @@ class BatchSpawner(Spawner):
 
     @default("tunnel_client_cmd")
     def _default_tunnel_client_cmd(self) -> list[str]:
-        return [_beside_python("hpchub-tunnel")]
+        return [beside_python("hpchub-tunnel")]
 
     @default("server_token_scopes")
     def _default_server_token_scopes(self) -> list[str]:
@@ -720,7 +721,7 @@ class BatchSpawner(Spawner):
         return endpoint.url
 
     async def _submit(self, home: str, request: JobRequest) -> None:
-        async with _submission_slots(self.cluster_name, self.max_concurrent_submissions):
+        async with submission_slots(self.cluster_name, self.max_concurrent_submissions):
             await self._submit_now(home, request)
 
     async def _submit_now(self, home: str, request: JobRequest) -> None:
@@ -1066,6 +1067,7 @@ class BatchSpawner(Spawner):
             return
         if self.job_tag:
             await self.ledger.cancelling(self.job_tag)
+            await cancel_engines(self)      # the server's ipyparallel engine jobs go with it
         job_id = self.job_id
         self._forget_tunnel()
         try:
@@ -1180,7 +1182,7 @@ async def _render_options_form(spawner: BatchSpawner) -> str:
     return await spawner.options_form_html()
 
 
-def _beside_python(program: str) -> str:
+def beside_python(program: str) -> str:
     """`program` from the hub's own bin directory (the jobs' environment), else from PATH."""
     beside = os.path.join(os.path.dirname(sys.executable), program)
     return beside if os.path.exists(beside) else program
@@ -1190,7 +1192,7 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _submission_slots(scheduler: str, size: int) -> asyncio.Semaphore:
+def submission_slots(scheduler: str, size: int) -> asyncio.Semaphore:
     if scheduler not in _submission_semaphores:
         _submission_semaphores[scheduler] = asyncio.Semaphore(size)
     return _submission_semaphores[scheduler]

@@ -88,9 +88,9 @@ class HpcHubEngines(LoggingConfigurable):
 
     @default("engine_command")
     def _default_engine_command(self) -> list[str]:
-        from batchspawner.spawner import _beside_python
+        from batchspawner.spawner import beside_python
 
-        return [_beside_python("ipengine")]
+        return [beside_python("ipengine")]
 
     @validate("engine_command")
     def _validate_engine_command(self, proposal: dict) -> list[str]:
@@ -375,10 +375,10 @@ class EngineJobs:
 
     async def _submit(self, jobs: list[tuple[str, JobRequest, str]], set_id: str, env_file: str) -> list[str]:
         """Submit every job of a set, or none: when one is refused the others are cancelled."""
-        from batchspawner.spawner import _submission_slots
+        from batchspawner.spawner import submission_slots
 
         spawner = self.spawner
-        slots = _submission_slots(spawner.cluster_name, spawner.max_concurrent_submissions)
+        slots = submission_slots(spawner.cluster_name, spawner.max_concurrent_submissions)
 
         async def submit(job_request: JobRequest, script: str) -> str:
             async with slots:

@@ -14,6 +14,8 @@ from jupyterhub import orm
 
 from batchspawner import BatchSpawner
 
+from .engines import parse_engine_tag
+
 log = logging.getLogger(__name__)
 
 
@@ -75,7 +77,8 @@ async def _cancel_orphans(app, owned: set[str]) -> None:
     if ledger is None:
         return
     for record in await ledger.active():
-        if record.tag in owned or not record.job_id:
+        engine = parse_engine_tag(record.tag)   # an ipyparallel engine belongs to its server's job
+        if record.tag in owned or (engine is not None and engine.parent in owned) or not record.job_id:
             continue
         user = app.users.get(record.user)
         owner = user.spawners[record.server_name] if user and record.server_name in user.orm_spawners else None
