@@ -117,17 +117,8 @@ class SlurmAdapter(Adapter):
         return ["squeue", "--noheader", f"--jobs={','.join(job_ids)}", "--states=all", "--Format", _SQUEUE_FORMAT]
 
     def parse_query(self, result: CommandResult, job_ids: Sequence[str]) -> dict[str, JobStatus]:
-        if result.returncode != 0:
-            if _unknown_alone(result, job_ids):
-                return {job_ids[0]: JobStatus(job_ids[0], JobState.UNKNOWN, reason=_NOT_QUEUED)}
-            raise SchedulerUnavailable(f"slurm: squeue failed (exit {result.returncode}): {result.stderr.strip()}",
-                                       result=result)
-        statuses = {i: JobStatus(i, JobState.UNKNOWN, reason=_NOT_QUEUED) for i in job_ids}
-        for line in result.stdout.splitlines():
-            fields = line.split(_SEP)
-            if len(fields) != 6 or fields[5]:
-                raise SchedulerUnavailable(f"slurm: unexpected squeue output {line!r}", result=result)
-            job_id, state, reason, nodes, status = fields[:5]
+        statuses, rows = _squeue_rows(result, job_ids, 5)
+        for job_id, state, reason, nodes, status in rows:
             if job_id in statuses:
                 statuses[job_id] = self._status(job_id, state, reason, nodes, _exit_code(status))
         return statuses
@@ -147,17 +138,8 @@ class SlurmAdapter(Adapter):
         return ["squeue", "--noheader", f"--jobs={','.join(job_ids)}", "--states=all", "--Format", _DETAILS_FORMAT]
 
     def parse_details(self, result: CommandResult, job_ids: Sequence[str]) -> dict[str, JobStatus]:
-        if result.returncode != 0:
-            if _unknown_alone(result, job_ids):
-                return {job_ids[0]: JobStatus(job_ids[0], JobState.UNKNOWN, reason=_NOT_QUEUED)}
-            raise SchedulerUnavailable(f"slurm: squeue failed (exit {result.returncode}): {result.stderr.strip()}",
-                                       result=result)
-        statuses = {i: JobStatus(i, JobState.UNKNOWN, reason=_NOT_QUEUED) for i in job_ids}
-        for line in result.stdout.splitlines():
-            fields = line.split(_SEP)
-            if len(fields) != len(_DETAIL_FIELDS) + 1 or fields[-1]:
-                raise SchedulerUnavailable(f"slurm: unexpected squeue output {line!r}", result=result)
-            job_id, state, reason, nodes, status, partition, submitted, started, limit = fields[:-1]
+        statuses, rows = _squeue_rows(result, job_ids, len(_DETAIL_FIELDS))
+        for job_id, state, reason, nodes, status, partition, submitted, started, limit in rows:
             if job_id not in statuses:
                 continue
             found = self._status(job_id, state, reason, nodes, _exit_code(status))
@@ -486,6 +468,24 @@ def _expand_item(item: str) -> list[str]:
         for number in range(int(low), int(high or low) + 1):
             names.extend(f"{prefix}{number:0{len(low)}d}{tail}" for tail in _expand_item(rest))
     return names
+
+
+def _squeue_rows(result: CommandResult, job_ids: Sequence[str], width: int
+                 ) -> tuple[dict[str, JobStatus], list[list[str]]]:
+    """squeue's answer about `job_ids`: every job UNKNOWN ("not queued") until a row says otherwise, and the
+    rows of `width` fields. SchedulerUnavailable when squeue failed or printed something else."""
+    if result.returncode != 0:
+        if _unknown_alone(result, job_ids):
+            return {job_ids[0]: JobStatus(job_ids[0], JobState.UNKNOWN, reason=_NOT_QUEUED)}, []
+        raise SchedulerUnavailable(f"slurm: squeue failed (exit {result.returncode}): {result.stderr.strip()}",
+                                   result=result)
+    rows = []
+    for line in result.stdout.splitlines():
+        fields = line.split(_SEP)
+        if len(fields) != width + 1 or fields[-1]:
+            raise SchedulerUnavailable(f"slurm: unexpected squeue output {line!r}", result=result)
+        rows.append(fields[:-1])
+    return {i: JobStatus(i, JobState.UNKNOWN, reason=_NOT_QUEUED) for i in job_ids}, rows
 
 
 def _unknown_alone(result: CommandResult, job_ids: Sequence[str]) -> bool:

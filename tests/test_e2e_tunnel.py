@@ -122,14 +122,18 @@ def test_notebook_on_an_unreachable_node_answers_through_the_tunnel(tunnel_hub):
     assert f"closing the tunnel connection of job {server['state']['job_tag']}" in hub.log()
 
 
-def test_a_dropped_tunnel_takes_the_route_and_brings_it_back_with_the_kernel_alive(tunnel_hub):
-    hub = tunnel_hub
+def spawned_with_a_kernel(hub: Hub) -> tuple[Browser, str, str]:
+    """alice's server through the tunnel, reached once, with a kernel: (browser, job id, kernel id)."""
     browser = Browser(hub.url)
     browser.login("alice", "hpchub-test-password")
-    server = spawn_until_ready(hub, browser, "alice")
-    job_id = server["state"]["job_id"]
+    job_id = spawn_until_ready(hub, browser, "alice")["state"]["job_id"]
     assert_reachable_through_proxy(browser, "alice")
-    kernel = start_kernel(browser, "alice")
+    return browser, job_id, start_kernel(browser, "alice")
+
+
+def test_a_dropped_tunnel_takes_the_route_and_brings_it_back_with_the_kernel_alive(tunnel_hub):
+    hub = tunnel_hub
+    browser, job_id, kernel = spawned_with_a_kernel(hub)
     before = route_target(hub, "alice")
 
     # cut the job's SSH connection at the gateway's end, as a network failure would
@@ -155,12 +159,7 @@ def test_a_dropped_tunnel_takes_the_route_and_brings_it_back_with_the_kernel_ali
 
 def test_a_restarted_hub_takes_back_the_running_jobs_tunnel(tunnel_hub):
     hub = tunnel_hub
-    browser = Browser(hub.url)
-    browser.login("alice", "hpchub-test-password")
-    server = spawn_until_ready(hub, browser, "alice")
-    job_id = server["state"]["job_id"]
-    assert_reachable_through_proxy(browser, "alice")
-    kernel = start_kernel(browser, "alice")
+    browser, job_id, kernel = spawned_with_a_kernel(hub)
 
     hub.kill()
     hub.launch()
