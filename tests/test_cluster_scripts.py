@@ -45,7 +45,9 @@ def render_template() -> str:
     """slurm.conf.in rendered the way cluster.sh renders it."""
     host = run("hostname", "-s").stdout.strip()
     return (TEMPLATE.read_text().replace("@CLUSTER_HOST@", host).replace("@CONTROLLER_ADDR@", CONTROLLER_ADDR)
-            .replace("@NETNS_NODE_ADDR@", f"{NETNS_PREFIX}.11"))
+            .replace("@NETNS_NODE_ADDR@", f"{NETNS_PREFIX}.11").replace("@NODE_HOSTNAMES@", host)
+            .replace("@NODE_ADDRS@", CONTROLLER_ADDR)
+            .replace("@ACCOUNTING_STORAGE_TYPE@", "accounting_storage/none"))
 
 
 def node_states() -> dict[str, str]:

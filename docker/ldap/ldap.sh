@@ -16,6 +16,10 @@
 #   stop     stop both instances
 #   status   print whether they run (exit 0 when both run, 3 otherwise)
 # Env: HPCHUB_LDAP_WAIT  seconds to wait for an instance to answer (default 30)
+#      HPCHUB_LDAP_HOST  the IPv4 address or host name the instances listen on and clients connect to,
+#                        for which the server certificate is made (besides localhost); default 127.0.0.1.
+#                        The demo cluster's LDAP container (container.sh beside this script) sets its own
+#                        host name.
 #
 # Directory: base dc=hpchub,dc=test; ou=people (alice and bob with the uidNumber, gidNumber and home of
 # the Unix users of the same names; carol; dave), ou=groups (see seed.ldif.in), ou=services (the
@@ -33,7 +37,7 @@ ROOT_FOR="packages, /etc, daemons"
 LOCK=/run/hpchub-test-ldap.lock
 
 SUFFIX=dc=hpchub,dc=test
-ADDR=127.0.0.1
+ADDR=${HPCHUB_LDAP_HOST:-127.0.0.1}
 ETC=/etc/hpchub-test-ldap
 TLS=$ETC/tls
 READER_PW_FILE=$ETC/reader.pw     # for the readiness probe: no password in argv
@@ -60,10 +64,14 @@ EOF
   apt_install slapd ldap-utils openssl
 }
 
+addr_is_ip() { [[ $ADDR =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]]; }
+
 certs_current() {
+  local for_addr=(-verify_hostname "$ADDR")
+  addr_is_ip && for_addr=(-verify_ip "$ADDR")
   [[ -s $TLS/ca.crt && -s $TLS/server.crt && -s $TLS/server.key ]] \
     && openssl x509 -checkend 86400 -noout -in "$TLS/server.crt" >/dev/null \
-    && openssl verify -CAfile "$TLS/ca.crt" "$TLS/server.crt" >/dev/null 2>&1
+    && openssl verify -CAfile "$TLS/ca.crt" "${for_addr[@]}" "$TLS/server.crt" >/dev/null 2>&1
 }
 
 make_certs() {
@@ -73,7 +81,9 @@ make_certs() {
   openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=hpchub test LDAP CA" \
     -keyout "$TMP/ca.key" -out "$TMP/ca.crt" 2>/dev/null
   openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$TMP/server.key" -out "$TMP/server.csr" 2>/dev/null
-  printf 'subjectAltName=DNS:localhost,IP:%s\nextendedKeyUsage=serverAuth\n' "$ADDR" >"$TMP/ext.cnf"
+  local san=IP:$ADDR
+  addr_is_ip || san=DNS:$ADDR
+  printf 'subjectAltName=DNS:localhost,%s\nextendedKeyUsage=serverAuth\n' "$san" >"$TMP/ext.cnf"
   openssl x509 -req -in "$TMP/server.csr" -CA "$TMP/ca.crt" -CAkey "$TMP/ca.key" -CAcreateserial -days 3650 \
     -extfile "$TMP/ext.cnf" -out "$TMP/server.crt" 2>/dev/null
   # world-readable CA: clients running as ordinary users must read it
@@ -188,6 +198,8 @@ converge() {
 
 start() {
   [[ $WAIT =~ ^[0-9]+$ ]] || die "HPCHUB_LDAP_WAIT must be a whole number of seconds, not '$WAIT'"
+  [[ $ADDR =~ ^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$ ]] \
+    || die "HPCHUB_LDAP_HOST must be an IPv4 address or a host name, not '$ADDR'"
   ensure_test_users
   install_packages
   make_certs

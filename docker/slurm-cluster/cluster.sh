@@ -90,7 +90,11 @@ write_conf() {
   install -d -m 755 /etc/slurm
   install -d -m 755 -o slurm -g slurm "$RUN" "$LOGDIR" "$STATEDIR"
   for n in "${NODES[@]}"; do install -d -m 755 "/var/lib/slurm/slurmd/$n"; done
-  render "$TEMPLATE" "$tmp" CLUSTER_HOST="$host" CONTROLLER_ADDR="$CONTROLLER_ADDR" NETNS_NODE_ADDR="$NETNS_NODE_ADDR"
+  # c1 and c2 share this host and its address; no accounting database. The demo cluster in containers
+  # (container.sh beside this script) renders the same template with c1 and c2 as hosts of their own and
+  # accounting in slurmdbd.
+  render "$TEMPLATE" "$tmp" CLUSTER_HOST="$host" CONTROLLER_ADDR="$CONTROLLER_ADDR" NETNS_NODE_ADDR="$NETNS_NODE_ADDR" \
+    NODE_HOSTNAMES="$host" NODE_ADDRS="$CONTROLLER_ADDR" ACCOUNTING_STORAGE_TYPE=accounting_storage/none
   if install_if_changed 644 root "$CONF" "$tmp"; then
     log "writing $CONF"
     CONF_CHANGED=1
