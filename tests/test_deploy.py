@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -18,9 +20,9 @@ import requests
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
-from conftest import require_service
-from hubtools import HUB_BIN, Browser, Hub, _hub_env, assert_reachable_through_proxy, free_port, spawn_until_ready, \
-    wait_for
+from conftest import IN_CI, require_service
+from hubtools import (HUB_BIN, Browser, Hub, _hub_env, assert_reachable_through_proxy, free_port, hub_config,
+                      spawn_until_ready, user_model, wait_for)
 from test_e2e_hub import LOGIN, PASSWORD, hub_factory, squeue_state  # noqa: F401 (fixture)
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -215,3 +217,120 @@ def test_the_hub_serves_https_itself_from_the_toml_files_certificate(tmp_path, c
             requests.get(f"http://127.0.0.1:{port}/hub/login", timeout=10)     # no plain HTTP on the TLS port
     finally:
         hub.stop()
+
+
+# --- the systemd unit -------------------------------------------------------------------------------
+
+UNIT = DEPLOY / "systemd" / "hpchub.service"
+UNIT_SECTIONS = {"Unit", "Service", "Install"}
+
+
+def render_unit(*, bin_dir: Path, toml: Path, data_dir: Path) -> str:
+    """deploy/systemd/hpchub.service with this machine's hpchub and the test's files."""
+    text = UNIT.read_text()
+    for example, value in (("/opt/hpchub/bin/", f"{bin_dir}/"), ("/etc/hpchub/hpchub.toml", str(toml)),
+                           ("/var/lib/hpchub", str(data_dir))):
+        assert example in text, f"{UNIT} no longer has {example!r}"
+        text = text.replace(example, value)
+    return text
+
+
+def unit_entries(text: str) -> list[tuple[str, str, str]]:
+    """(section, key, value) of each setting; AssertionError on a line that is none of the unit file's
+    forms (the syntax check where systemd-analyze is missing)."""
+    entries, section = [], None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        if stripped.startswith("["):
+            assert stripped.endswith("]") and stripped[1:-1] in UNIT_SECTIONS, f"line {number}: {line}"
+            section = stripped[1:-1]
+            continue
+        key, sep, value = stripped.partition("=")
+        assert section and sep and key.isidentifier() and value.strip(), f"line {number}: {line}"
+        entries.append((section, key, value.strip()))
+    return entries
+
+
+def test_the_systemd_unit_verifies(tmp_path):
+    unit = tmp_path / "hpchub.service"
+    unit.write_text(render_unit(bin_dir=HUB_BIN.parent, toml=tmp_path / "hpchub.toml", data_dir=tmp_path / "data"))
+    settings = {(section, key): value for section, key, value in unit_entries(unit.read_text())}
+    assert settings[("Service", "User")] == "hpchub" and settings[("Service", "Restart")] == "on-failure"
+    assert settings[("Service", "ExecStart")] == f"{HUB_BIN} -f {tmp_path / 'hpchub.toml'}"
+    assert settings[("Service", "NoNewPrivileges")] == "no", "sudo needs setuid: NoNewPrivileges must stay off"
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        require_service("systemd-analyze", not IN_CI, "install Debian's systemd (scripts/setup-test-env.sh does)")
+        return      # outside CI: the syntax check above is what can be done
+    verified = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert verified.returncode == 0 and not verified.stderr.strip(), verified.stderr
+
+
+SLURM_TOML = """
+[clusters.hpc]
+scheduler = "slurm"
+
+[profiles.small]
+cluster = "hpc"
+defaults = { partition = "debug", cores = 1, memory = "500M", walltime = "00:10:00" }
+"""
+
+
+def unit_command(unit_text: str, key: str) -> list[str]:
+    [value] = [value for section, k, value in unit_entries(unit_text) if (section, k) == ("Service", key)]
+    return value.split()
+
+
+def unit_environment(unit_text: str) -> dict[str, str]:
+    pairs = [value.partition("=") for section, key, value in unit_entries(unit_text) if key == "Environment"]
+    return {name: value for name, _, value in pairs}
+
+
+def test_the_units_command_stopped_as_systemd_does_leaves_the_job_running_and_adopts_it_again(
+        tmp_path, proxy_installed, slurm_cluster, test_users):
+    """The unit's ExecStartPre and ExecStart with a TOML file (a Slurm cluster); SIGTERM to the hub alone
+    (KillMode=mixed); its proxy ends with it, the job keeps running, and the hub started again adopts it."""
+    workdir, data = tmp_path / "hub", tmp_path / "hub" / "data"
+    workdir.mkdir()
+    toml = workdir / "hpchub.toml"
+    toml.write_text(SLURM_TOML)
+    token, port = uuid.uuid4().hex, free_port()
+    beside = hub_config(LOGIN + "c.HpcHub.cull_idle_timeout = 0\n", port=port, service_token=token, data_dir=data)
+    assert "c.JupyterHub.cleanup_servers = True\n" in beside
+    (workdir / "jupyterhub_config.py").write_text(beside.replace("c.JupyterHub.cleanup_servers = True\n", ""))
+    unit = render_unit(bin_dir=HUB_BIN.parent, toml=toml, data_dir=data)
+    env = {**_hub_env(), **unit_environment(unit)}
+
+    checked = subprocess.run(unit_command(unit, "ExecStartPre"), env=env, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and "profile small: on hpc" in checked.stdout, checked.stderr
+    hub = Hub(f"http://127.0.0.1:{port}", workdir, unit_command(unit, "ExecStart"), env, False, token)
+    hub.launch()
+    try:
+        browser = Browser(hub.url)
+        browser.login("alice", PASSWORD)
+        job_id = spawn_until_ready(hub, browser, "alice")["state"]["job_id"]
+
+        hub.process.send_signal(signal.SIGTERM)           # systemctl stop, KillMode=mixed
+        hub.process.wait(timeout=60)                      # TimeoutStopSec
+        wait_for(lambda: not _group_alive(hub.process.pid), 10, "the hub's proxy to end with it")
+        assert squeue_state(job_id) == "RUNNING", "stopping the hub cancelled the job"
+
+        hub.launch()                                      # systemctl start
+        wait_for(lambda: browser.get("/user/alice/lab").status_code == 200, 60, "alice's server to answer again",
+                 0.5)
+        assert_reachable_through_proxy(browser, "alice")
+        assert user_model(hub, "alice")["servers"][""]["state"]["job_id"] == job_id
+        assert browser.api("DELETE", "/users/alice/server").status_code in (202, 204)
+        wait_for(lambda: squeue_state(job_id) not in ("RUNNING", "COMPLETING"), 30, f"job {job_id} to end")
+    finally:
+        hub.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
