@@ -11,7 +11,7 @@ import ssl
 import sys
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
@@ -24,10 +24,10 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
-from batchspawner.profiles import (SCHEDULER_NAMES, Catalog, ConfigError, Problem, Reader, absolute_path, choices,
-                                   one_of, parse_catalog, show, whole)
+from batchspawner.profiles import (SCHEDULER_NAMES, SLUG, SLUG_ALLOWED, Catalog, ConfigError, Problem, Reader,
+                                   absolute_path, choices, name_list, one_of, parse_catalog, show, text, whole)
 
-SECTIONS = ("hub", "ldap", "spawner", "clusters", "profiles")
+SECTIONS = ("hub", "ldap", "roles", "spawner", "clusters", "profiles")
 AUTHENTICATORS = {
     "demo": "hpchub.demo.DemoAuthenticator",
     "ldap": "hpchub.ldap.LDAPAuthenticator",
@@ -51,6 +51,7 @@ def _hub_settings() -> dict[str, Setting]:
         "ledger_url": "BatchSpawner.ledger_url", "authenticator": "JupyterHub.authenticator_class",
         "admin_users": "Authenticator.admin_users", "allowed_users": "Authenticator.allowed_users",
         "admin_groups": "LDAPAuthenticator.admin_groups", "allowed_groups": "LDAPAuthenticator.allowed_groups",
+        "admin_access": "JupyterHub.admin_access",
         "enable_auth_state": "Authenticator.enable_auth_state", "cull_idle_timeout": "HpcHub.cull_idle_timeout",
         "cull_every": "HpcHub.cull_every", "cull_max_age": "HpcHub.cull_max_age",
     }
@@ -75,6 +76,7 @@ SETTINGS: dict[str, Setting] = {
     **{f"ldap.{k}": Setting(f"ldap.{k}", f"LDAPAuthenticator.{k}") for k in _LDAP_TRAITS},
     f"ldap.{LDAP_PASSWORD_FILE}": Setting(f"ldap.{LDAP_PASSWORD_FILE}", "LDAPAuthenticator.search_bind_password"),
     **{f"spawner.{k}": Setting(f"spawner.{k}", f"{cls}.{k}") for k, cls in _SPAWNER_TRAITS.items()},
+    "roles": Setting("roles", "JupyterHub.load_roles"),
     "clusters": Setting("clusters", "BatchSpawner.clusters"),
     "profiles": Setting("profiles", "BatchSpawner.profiles"),
 }
@@ -107,6 +109,11 @@ class Settings:
             editable = ", ".join(profile.user_editable) or "nothing"
             lines.append(f"  profile {profile.name}: on {profile.cluster.name}, for {who}; "
                          f"users may change: {editable}")
+        for role in self.config.JupyterHub.get("load_roles", []):
+            who = ", ".join([*(f"group {g}" for g in role.get("groups", ())), *role.get("users", ())])
+            members = sorted({scope.split("!group=")[1] for scope in role["scopes"] if "!group=" in scope})
+            lines.append(f"  role {role['name']}: {who} may start, stop and open the servers of the members of "
+                         + ", ".join(members))
         if self.beside:
             lines.append(f"  also loaded after it (not checked here): {self.beside}")
         return "\n".join(lines)
@@ -147,6 +154,8 @@ def load(path: str, *, jupyterhub_config: str | None = None) -> Settings:
                        "bind_dn_templates or user_search_base, ...")
     if authenticator == "ldap" and "ldap" in sections and not reader.problems:
         _ldap_together(reader, config)
+    if "roles" in sections:
+        _roles(reader, sections["roles"], config, authenticator)
     _spawner(reader, sections.get("spawner", {}), config)
     catalog = _catalog(reader, sections, config)
     _files(reader, config, catalog)
@@ -208,9 +217,10 @@ def _hub(reader: Reader, hub: Mapping[str, Any], config: Config) -> str:
                            f"hub.authenticator is {show(authenticator)}", list(groups), '"ldap" or "pam"')
             continue
         config[_GROUP_AUTHENTICATORS[authenticator]][name] = set(groups)
-    auth_state = reader.get(hub, "hub", "enable_auth_state", _bool)
-    if auth_state is not None:
-        config.Authenticator.enable_auth_state = auth_state
+    for name, cls in (("enable_auth_state", "Authenticator"), ("admin_access", "JupyterHub")):
+        value = reader.get(hub, "hub", name, _bool)
+        if value is not None:
+            config[cls][name] = value
     for name, lowest in (("cull_idle_timeout", 0), ("cull_every", 1), ("cull_max_age", 0)):
         seconds = reader.get(hub, "hub", name, whole(lowest))
         if seconds is not None:
@@ -250,6 +260,53 @@ def _ldap_together(reader: Reader, config: Config) -> None:
         reader.problem("ldap", message, allowed="see docs/ldap.md")
 
 
+ROLE_KEYS = ("description", "groups", "users", "member_groups")
+#: JupyterHub's own roles, and the idle culler's: a [roles.NAME] table may not redefine them
+RESERVED_ROLES = ("admin", "user", "server", "token", "hpchub-idle-culler")
+
+
+def teacher_scopes(member_groups: Sequence[str]) -> list[str]:
+    """What a [roles.NAME] grants over the members of `member_groups`: see them (admin page, REST API),
+    start and stop their servers, and open them (JupyterHub's `!group=` filters)."""
+    per_group = ("list:users", "read:users", "read:servers", "servers", "access:servers")
+    return ["admin-ui", *(f"{scope}!group={group}" for group in member_groups for scope in per_group)]
+
+
+def _roles(reader: Reader, table: Any, config: Config, authenticator: str) -> None:
+    """[roles.NAME] tables (teachers: the groups or users given the role, over the members of
+    member_groups) into JupyterHub.load_roles."""
+    if not isinstance(table, Mapping):
+        reader.problem("roles", "expected [roles.NAME] tables", allowed="one [roles.NAME] table per role")
+        return
+    roles = []
+    for name, role in table.items():
+        key = f"roles.{name}"
+        if not SLUG.fullmatch(name) or name in RESERVED_ROLES:
+            reader.problem(key, "not a name for a role" if name not in RESERVED_ROLES else "JupyterHub's or hpchub's "
+                           "own role: choose another name", name, SLUG_ALLOWED + "; not " + ", ".join(RESERVED_ROLES))
+            continue
+        data = reader.table(role, key, ROLE_KEYS)
+        description = reader.get(data, key, "description", text, "")
+        holders = {kind: list(reader.get(data, key, kind, name_list, ())) for kind in ("groups", "users")}
+        members = reader.get(data, key, "member_groups", name_list, (), required=True,
+                             allowed='the groups whose members\' servers the role manages, e.g. ["course101"]')
+        if "member_groups" in data and not members:
+            reader.problem(f"{key}.member_groups", "empty: the role would grant nothing", [],
+                           'at least one group, e.g. ["course101"]')
+        if not any(holders.values()) and isinstance(role, Mapping):
+            reader.problem(key, "nobody has this role", allowed="groups = [...] (e.g. the teachers' group) and/or "
+                           "users = [...]")
+        if members:
+            roles.append({"name": name, "description": description or "manage the servers of the members of "
+                          + ", ".join(members), "scopes": teacher_scopes(members),
+                          **{kind: names for kind, names in holders.items() if names}})
+    if roles:
+        config.JupyterHub.load_roles = roles
+        if authenticator == "ldap":
+            # the directory's groups become the hub's at each login: the `!group=` filters need them
+            config.Authenticator.manage_groups = True
+
+
 def _spawner(reader: Reader, table: Any, config: Config) -> None:
     from batchspawner import BatchSpawner
 
@@ -281,6 +338,9 @@ def _catalog(reader: Reader, sections: Mapping[str, Any], config: Config) -> Cat
         return None
     if catalog.clusters:
         config.JupyterHub.spawner_class = "batchspawner.BatchSpawner"
+        # the jobs outlive the hub: stopping or restarting it (systemctl) must not cancel them; it adopts
+        # them when it starts again
+        config.JupyterHub.cleanup_servers = False
         config.BatchSpawner.clusters = {name: dict(table) for name, table in clusters.items()}
         config.BatchSpawner.profiles = as_list
         if not catalog.profiles:

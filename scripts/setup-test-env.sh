@@ -4,7 +4,8 @@
 #
 #   apt:  python3-venv python3-dev sudo curl procps (nodejs and npm only where missing); chromium and
 #         fonts-liberation for tests/test_browser.py (Playwright drives Debian's chromium: Playwright's
-#         own browser download is never used)
+#         own browser download is never used); nginx (tests/test_deploy.py runs a private instance of the
+#         example site; the package's own service is not started) and systemd (systemd-analyze verify)
 #   npm:  configurable-http-proxy@5.3.0, globally, unless one is on PATH (4.6.3 where node < 20)
 #   venv: /opt/hpchub from Debian's /usr/bin/python3, world-readable: Slurm jobs run as ordinary
 #         users, who can read neither the pyenv python under /root nor a checkout under /root. So the
@@ -65,7 +66,7 @@ check_venv_as_user() {
   log "alice imports hpchub from $where"
 }
 
-apt_test_packages() { install_apt python3-venv python3-dev sudo curl procps chromium fonts-liberation; }
+apt_test_packages() { install_apt python3-venv python3-dev sudo curl procps chromium fonts-liberation nginx systemd; }
 
 step "apt packages" apt_test_packages
 step "configurable-http-proxy" install_proxy
