@@ -463,7 +463,10 @@ POLICY_KEYS = ("max_walltime", "max_cores", "max_memory", "max_gpus", "gpu_types
                "parallel_environments")
 PROFILE_KEYS = ("name", "display_name", "description", "cluster", "partitions", "defaults", "bounds",
                 "user_editable", "groups", "env_setup", "modules", "conda_env", "apptainer", "extra_directives",
-                "reservation", "constraint")
+                "reservation", "constraint", "shared_folders")
+SHARED_FOLDER_KEYS = ("path", "name", "read_only")
+#: where shared folders appear in the user's JupyterLab (relative to the server's root, the home directory)
+SHARED_DIR = "shared"
 APPTAINER_KEYS = ("image", "options", "command")
 BOUND_KEYS = ("min", "max")
 # the policy key capping each numeric field, and the field each name list restricts
@@ -720,6 +723,8 @@ def _profile(reader: Reader, key: str, table: Any, clusters: Mapping[str, Cluste
             f"conda activate {shlex.quote(conda_env)}",
             "set -u",
         ]
+    folders = _shared_folders(reader, f"{key}.shared_folders", data.get("shared_folders", []))
+    env_setup += shared_folder_lines(folders)
     prefix = _apptainer(reader, f"{key}.apptainer", data["apptainer"]) if "apptainer" in data else ()
     profile = Profile(
         name=name,
@@ -785,6 +790,63 @@ def _apptainer(reader: Reader, key: str, table: Any) -> tuple[str, ...]:
     options = reader.get(data, key, "options", line_list, ())
     command = reader.get(data, key, "command", _single_word, "apptainer")
     return (command, "exec", *options, image) if image else ()
+
+
+@dataclass(frozen=True)
+class SharedFolder:
+    """A folder (e.g. course material on a shared filesystem) shown in the user's JupyterLab as
+    ~/shared/NAME; with read_only, the job's server refuses writes there (the folder's own permissions
+    protect it from the terminal)."""
+
+    path: str
+    name: str
+    read_only: bool = True
+
+
+def shared_folder_lines(folders: Sequence[SharedFolder]) -> list[str]:
+    """The job's set-up lines: the links, and the read-only ones for the server's guard (hpchub.read_only)."""
+    if not folders:
+        return []
+    lines = [f'mkdir -p "$HOME"/{SHARED_DIR}']
+    lines += [f'ln -sfn {shlex.quote(f.path)} "$HOME"/{SHARED_DIR}/{shlex.quote(f.name)}' for f in folders]
+    read_only = ":".join(f"{SHARED_DIR}/{f.name}" for f in folders if f.read_only)
+    if read_only:
+        lines.append(f"export HPCHUB_READ_ONLY_PATHS={shlex.quote(read_only)}")
+    return lines
+
+
+def _shared_folders(reader: Reader, key: str, items: Any) -> tuple[SharedFolder, ...]:
+    if not isinstance(items, list):
+        reader.problem(key, "expected a list of tables", items, '[{path = "/srv/course", name = "course"}]')
+        return ()
+    folders: list[SharedFolder] = []
+    for index, item in enumerate(items):
+        where = f"{key}[{index}]"
+        if not isinstance(item, Mapping):
+            reader.problem(where, "expected a table", item, '{path = "/srv/course", name = "course"}')
+            continue
+        data = reader.table(item, where, SHARED_FOLDER_KEYS)
+        path = reader.get(data, where, "path", absolute_path, None, required=True, allowed="an absolute path")
+        name = reader.get(data, where, "name", _folder_name, None, required=True, allowed=SLUG_ALLOWED)
+        read_only = reader.get(data, where, "read_only", _flag, True)
+        if name in {f.name for f in folders}:
+            reader.problem(f"{where}.name", "another shared folder has this name", name, "a name of its own")
+        elif path and name:
+            folders.append(SharedFolder(path, name, read_only))
+    return tuple(folders)
+
+
+def _folder_name(value: Any) -> str:
+    name = text(value)
+    if not SLUG.fullmatch(name):
+        raise ValueError("not a valid folder name", SLUG_ALLOWED)
+    return name
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_type_name(value)}", "true or false")
+    return value
 
 
 def _single_word(value: Any) -> str:

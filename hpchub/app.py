@@ -111,6 +111,13 @@ class HpcHub(JupyterHub):
     def _default_authenticator_class(self) -> type:
         return DemoAuthenticator
 
+    @default("cleanup_servers")
+    def _default_cleanup_servers(self) -> bool:
+        # batch jobs outlive the hub: a stop or restart of the service must not cancel every user's job
+        # (a restarted hub takes them back). The embedded default's local jobs go with the hub.
+        spawner = self.spawner_class
+        return isinstance(spawner, type) and issubclass(spawner, LocalBatchSpawner)
+
     @default("concurrent_spawn_limit")
     def _default_concurrent_spawn_limit(self) -> int:
         # JupyterHub counts a spawn as pending until its server answers, queue wait included: 100 queued

@@ -177,3 +177,34 @@ def test_one_user_runs_a_server_on_slurm_and_one_on_grid_engine(hub_factory, slu
     for name in ("onslurm", "onsge"):
         stop(browser, hub, "bob", name)
     wait_for(lambda: not sge_listed(on_sge["job_id"]), 20, "the Grid Engine job to leave qstat")
+
+
+def test_a_profiles_shared_folder_shows_its_files_and_refuses_writes(hub_factory, slurm_cluster, test_users,
+                                                                      world):
+    course = world / "course-material"
+    course.mkdir()
+    (course / "week1.ipynb").write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
+    course.chmod(0o755)
+    hub = hub_factory(LOGIN + CATALOG + f"""
+c.BatchSpawner.profiles = c.BatchSpawner.profiles + [
+    {{"name": "course", "display_name": "Course", "cluster": "hpc", "partitions": ["debug"],
+      "defaults": {{"cores": 1, "memory": "500M", "walltime": "00:10:00"}},
+      "shared_folders": [{{"path": {str(course)!r}, "name": "course", "read_only": True}}]}},
+]
+""")
+    browser = Browser(hub.url)
+    browser.login("alice", PASSWORD)
+    assert browser.api("POST", "/users/alice/server", json={"profile": "course"}).status_code in (201, 202)
+    server_ready(hub, "alice", "")
+    assert_reachable_through_proxy(browser, "alice")
+    listing = browser.get("/user/alice/api/contents/shared/course")
+    assert listing.status_code == 200, listing.text
+    assert [item["name"] for item in listing.json()["content"]] == ["week1.ipynb"]
+    headers = {"X-XSRFToken": browser.xsrf("/user/alice/")}
+    write = browser.session.put(f"{hub.url}/user/alice/api/contents/shared/course/mine.txt", headers=headers,
+                                json={"type": "file", "format": "text", "content": "x"}, timeout=30)
+    assert write.status_code == 403 and "read-only" in write.text, (write.status_code, write.text)
+    delete = browser.session.delete(f"{hub.url}/user/alice/api/contents/shared/course/week1.ipynb",
+                                    headers=headers, timeout=30)
+    assert delete.status_code == 403 and (course / "week1.ipynb").exists()
+    stop(browser, hub, "alice", "")
