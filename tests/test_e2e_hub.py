@@ -289,7 +289,8 @@ def local_spool():
     shutil.rmtree(parent, ignore_errors=True)
 
 
-def test_local_server_runs_in_a_local_job_as_the_user(hub_factory, local_spool, test_users):
+def test_local_server_runs_in_a_local_job_as_the_user(local_spool, hub_factory, test_users):
+    # local_spool first: torn down after the hubs, so that a hub stopping its server still finds the job
     hub = hub_factory(LOGIN + f'c.JupyterHub.spawner_class = "local"\nc.LocalBatchSpawner.local_spool_dir = {str(local_spool)!r}\n')
     browser = Browser(hub.url)
     browser.login("alice", PASSWORD)

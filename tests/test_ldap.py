@@ -589,6 +589,7 @@ def test_a_directory_user_spawns_a_job_as_the_directorys_account(ldap_hub, test_
     """auth_state carries uidNumber and homeDirectory; the job runs as that account, in that home."""
     spool = Path(tempfile.mkdtemp(prefix="hpchub-test-ldap-spool-"))
     spool.chmod(0o755)
+    hub = None
     try:
         hub = ldap_hub([A], spawner_lines=[
             'c.JupyterHub.spawner_class = "local"',
@@ -605,4 +606,6 @@ def test_a_directory_user_spawns_a_job_as_the_directorys_account(ldap_hub, test_
         assert state["job_env_file"].startswith(account["homeDirectory"] + "/.hpchub/run/")
         assert browser.api("DELETE", "/users/alice/server").status_code in (202, 204)
     finally:
+        if hub is not None:
+            hub.stop()      # stops the server (and its local job) while the spool is still there
         subprocess.run(["rm", "-rf", "--", str(spool)], timeout=30)
