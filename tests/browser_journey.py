@@ -10,18 +10,14 @@ import json
 import re
 import shutil
 import time
-import uuid
 from contextlib import contextmanager
-from datetime import datetime
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tornado.httpclient import HTTPRequest
-from tornado.websocket import websocket_connect
 
 from conftest import require_service
-from hubtools import Browser, Hub
+from hubtools import Browser, Hub, execute_request, kernel_channels
 
 CHROMIUM = Path("/usr/bin/chromium")
 # headless Chromium as platform-notes.md says; Playwright gives every launch a fresh user-data dir
@@ -170,17 +166,9 @@ def progress_events(browser: Browser, user: str, timeout: float) -> list[dict]:
 
 async def run_cell(browser: Browser, user: str, kernel_id: str, code: str, timeout: float = 60) -> str:
     """Run `code` in the kernel over its websocket, as JupyterLab does; its stdout (an error raises)."""
-    cookies = "; ".join(f"{c.name}={c.value}" for c in browser.session.cookies)
-    url = browser.url.replace("http", "ws", 1) + f"/user/{user}/api/kernels/{kernel_id}/channels"
-    conn = await websocket_connect(HTTPRequest(url, headers={"Cookie": cookies}))
-    msg_id = uuid.uuid4().hex
-    conn.write_message(json.dumps({
-        "header": {"msg_id": msg_id, "username": user, "session": uuid.uuid4().hex, "msg_type": "execute_request",
-                   "version": "5.3", "date": datetime.now().isoformat()},
-        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-        "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
-                    "allow_stdin": False, "stop_on_error": True},
-    }))
+    conn = await kernel_channels(browser.url, browser, user, kernel_id)
+    msg_id, message = execute_request(user, code)
+    conn.write_message(message)
     out: list[str] = []
     try:
         while True:

@@ -2,6 +2,7 @@
 browser: log in with the form and its _xsrf token, call the REST API with the session cookie."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -10,10 +11,14 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import requests
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from helpers import wait_for  # also imported from here by test_e2e_hub
 
@@ -219,3 +224,24 @@ def singleuser_processes(uid: int) -> list[tuple[int, dict[str, str]]]:
         env = dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
         found.append((int(entry.name), env))
     return found
+
+
+async def kernel_channels(base_url: str, browser: Browser, user: str, kernel_id: str,
+                          ca_certs: str | None = None) -> WebSocketClientConnection:
+    """The kernel's websocket as JupyterLab opens it (ws:// or wss:// for `base_url`), with the browser's
+    cookies."""
+    cookies = "; ".join(f"{c.name}={c.value}" for c in browser.session.cookies)
+    url = re.sub(r"^http", "ws", base_url) + f"/user/{user}/api/kernels/{kernel_id}/channels"
+    return await websocket_connect(HTTPRequest(url, headers={"Cookie": cookies}, ca_certs=ca_certs))
+
+
+def execute_request(user: str, code: str) -> tuple[str, str]:
+    """A Jupyter execute_request for `code` on the shell channel: (its msg_id, the message to send)."""
+    msg_id = uuid.uuid4().hex
+    return msg_id, json.dumps({
+        "header": {"msg_id": msg_id, "username": user, "session": uuid.uuid4().hex, "msg_type": "execute_request",
+                   "version": "5.3", "date": datetime.now().isoformat()},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                    "allow_stdin": False, "stop_on_error": True},
+    })

@@ -12,17 +12,14 @@ import socket
 import subprocess
 import time
 import uuid
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 import requests
-from tornado.httpclient import HTTPRequest
-from tornado.websocket import websocket_connect
 
 from conftest import IN_CI, require_service
-from hubtools import (HUB_BIN, Browser, Hub, _hub_env, assert_reachable_through_proxy, free_port, hub_config,
-                      spawn_until_ready, user_model, wait_for)
+from hubtools import (Browser, HUB_BIN, Hub, _hub_env, assert_reachable_through_proxy, execute_request, free_port,
+                      hub_config, kernel_channels, spawn_until_ready, user_model, wait_for)
 from test_e2e_hub import LOGIN, PASSWORD, hub_factory, squeue_state  # noqa: F401 (fixture)
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -132,17 +129,9 @@ def _listening(port: int, nginx: Nginx) -> bool:
 
 async def execute(base_url: str, browser: Browser, user: str, kernel_id: str, code: str, cafile: Path) -> str:
     """Run `code` in the kernel over its WebSocket (wss through `base_url`); return what it printed."""
-    cookies = "; ".join(f"{c.name}={c.value}" for c in browser.session.cookies)
-    url = base_url.replace("https", "wss", 1) + f"/user/{user}/api/kernels/{kernel_id}/channels"
-    conn = await websocket_connect(HTTPRequest(url, headers={"Cookie": cookies}, ca_certs=str(cafile)))
-    msg_id = uuid.uuid4().hex
-    conn.write_message(json.dumps({
-        "header": {"msg_id": msg_id, "username": user, "session": uuid.uuid4().hex, "msg_type": "execute_request",
-                   "version": "5.3", "date": datetime.now().isoformat()},
-        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-        "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
-                    "allow_stdin": False, "stop_on_error": True},
-    }))
+    conn = await kernel_channels(base_url, browser, user, kernel_id, ca_certs=str(cafile))
+    msg_id, message = execute_request(user, code)
+    conn.write_message(message)
     printed = []
     try:
         while True:

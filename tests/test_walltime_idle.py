@@ -9,14 +9,12 @@ import json
 import re
 import subprocess
 import time
-import uuid
 from datetime import datetime
 from pathlib import Path
 
-from tornado.httpclient import HTTPRequest
-from tornado.websocket import websocket_connect
 
-from hubtools import Browser, assert_reachable_through_proxy, spawn_until_ready, user_model, wait_for
+from hubtools import (Browser, assert_reachable_through_proxy, execute_request, kernel_channels, spawn_until_ready,
+                      user_model, wait_for)
 from test_e2e_hub import LOGIN, PASSWORD, hub_factory, squeue_state  # noqa: F401 (fixture)
 
 PLUGIN = Path(__file__).resolve().parents[1] / "hpchub" / "labextension" / "static" / "remoteEntry.js"
@@ -117,17 +115,9 @@ vm.runInNewContext(fs.readFileSync(process.argv[2], "utf8"), {window, console, P
 
 async def run_long_cell(browser: Browser, user: str, kernel_id: str) -> None:
     """Start a cell that sleeps ten minutes, printing nothing, and wait until the kernel says it is busy."""
-    cookies = "; ".join(f"{c.name}={c.value}" for c in browser.session.cookies)
-    url = browser.url.replace("http", "ws", 1) + f"/user/{user}/api/kernels/{kernel_id}/channels"
-    conn = await websocket_connect(HTTPRequest(url, headers={"Cookie": cookies}))
-    msg_id = uuid.uuid4().hex
-    conn.write_message(json.dumps({
-        "header": {"msg_id": msg_id, "username": user, "session": uuid.uuid4().hex, "msg_type": "execute_request",
-                   "version": "5.3", "date": datetime.now().isoformat()},
-        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-        "content": {"code": "import time\ntime.sleep(600)", "silent": False, "store_history": True,
-                    "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
-    }))
+    conn = await kernel_channels(browser.url, browser, user, kernel_id)
+    msg_id, message = execute_request(user, "import time\ntime.sleep(600)")
+    conn.write_message(message)
     while True:
         message = json.loads(await asyncio.wait_for(conn.read_message(), 30))
         if (message.get("msg_type") == "status" and message["parent_header"].get("msg_id") == msg_id
