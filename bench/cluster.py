@@ -257,12 +257,13 @@ class PrivateSlurm:
 
     def cancel_all(self, timeout: float = 300) -> None:
         """Cancel every job of the partition and wait until none is left (running or completing)."""
-        self.run("scancel", f"--partition={PARTITION}", check=False)
         deadline = time.monotonic() + timeout
+        # a thousand jobs' srun steps take slurmctld more than scancel's usual minute
+        self.run("scancel", f"--partition={PARTITION}", check=False, timeout=timeout)
         while self.jobs():
             if time.monotonic() > deadline:
                 raise RuntimeError(f"jobs left after scancel: {self.jobs()}")
-            self.run("scancel", f"--partition={PARTITION}", check=False)
+            self.run("scancel", f"--partition={PARTITION}", check=False, timeout=max(1.0, deadline - time.monotonic()))
             time.sleep(1)
 
     def version(self) -> str:

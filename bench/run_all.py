@@ -171,6 +171,8 @@ def main() -> None:
             shutil.copyfile(HERE / "standin.py", standin)
             standin.chmod(0o755)
             results["benchmarks"] = asyncio.run(run(args, slurm, names, standin))
+            # on disk before the clean-up, which may fail on a machine a thousand jobs left slow
+            (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
         else:
             results["environment"] = report.environment(slurm.version())
             results["benchmarks"] = {}

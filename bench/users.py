@@ -10,6 +10,7 @@ import grp
 import pwd
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 GROUP = "hpchubbench"
@@ -51,6 +52,11 @@ def remove(home_root: Path) -> int:
         return 0
     mine = [u.pw_name for u in pwd.getpwall() if u.pw_gid == gid and u.pw_name.startswith(PREFIX)]
     for name in mine:
+        # a job step the scheduler left behind: killed, and given a moment to go, before userdel
+        for _ in range(50):
+            if subprocess.run(["pkill", "-KILL", "-u", name], check=False).returncode != 0:
+                break                   # pkill: no process matched
+            time.sleep(0.1)
         subprocess.run(["userdel", name], check=True)
     shutil.rmtree(home_root, ignore_errors=True)
     subprocess.run(["groupdel", GROUP], check=False)
