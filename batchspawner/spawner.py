@@ -335,7 +335,8 @@ class BatchSpawner(Spawner):
         self._hub_gateway: HubGateway | None = None
         #: the validated user options of this spawn (with profiles)
         self.choice: Choice | None = None
-        self._catalog: tuple[tuple, Catalog | None] | None = None
+        #: (clusters, profiles, their Catalog): the last parse, for these very trait values
+        self._catalog: tuple[dict, list, Catalog] | None = None
         self._tunnel_change: dict = {"last_change": None, "reason": ""}
         self._resume: tuple[str, str, str] | None = None
         self._adapter: Adapter | None = None
@@ -383,17 +384,21 @@ class BatchSpawner(Spawner):
     # -- clusters and profiles ------------------------------------------------------------------
     @property
     def catalog(self) -> Catalog | None:
-        """`clusters` and `profiles`, parsed once per configuration; None without profiles."""
+        """`clusters` and `profiles`, parsed once per configuration (hub-wide); None without profiles. Read on
+        every adapter access: the spawner keeps the answer for the trait values it was computed from."""
         if not self.profiles:
             return None
-        key = json.dumps([self.clusters, self.profiles], sort_keys=True, default=str)
-        if key not in _catalogs:
-            try:
-                _catalogs[key] = parse_catalog(self.clusters, self.profiles, source="BatchSpawner.clusters/profiles")
-            except ConfigError as err:
-                raise SpawnException(f"The hub's cluster configuration is invalid: {err}", reason="config",
-                                     status_code=500) from err
-        return _catalogs[key]
+        if self._catalog is None or self._catalog[0] is not self.clusters or self._catalog[1] is not self.profiles:
+            key = json.dumps([self.clusters, self.profiles], sort_keys=True, default=str)
+            if key not in _catalogs:
+                try:
+                    _catalogs[key] = parse_catalog(self.clusters, self.profiles,
+                                                   source="BatchSpawner.clusters/profiles")
+                except ConfigError as err:
+                    raise SpawnException(f"The hub's cluster configuration is invalid: {err}", reason="config",
+                                         status_code=500) from err
+            self._catalog = (self.clusters, self.profiles, _catalogs[key])
+        return self._catalog[2]
 
     @property
     def cluster_spec(self) -> ClusterSpec | None:
@@ -423,7 +428,7 @@ class BatchSpawner(Spawner):
     async def live_partitions(self, cluster: ClusterSpec) -> list[PartitionInfo] | None:
         """The cluster's partitions and limits now (cached about a minute, hub-wide); None when the scheduler
         cannot say (then only the admin's caps apply)."""
-        cache = _partition_cache(cluster, lambda: self._cluster_adapter(cluster))
+        cache = _partition_cache(cluster.name, self._cluster_adapter(cluster))
         try:
             return list((await cache.get()).partitions)
         except SchedulerError as err:
@@ -481,15 +486,17 @@ class BatchSpawner(Spawner):
         if self.catalog is None:
             raise FormError("profile", "this hub has no profiles to choose from")
         choice = await self.validate_user_options(options)
-        saved = (self.choice, self.job_cluster, self.job_tag, self.job_env_file)
+        home = await self.user_home(choice.cluster)
+        # the rendering reads the spawn's own attributes: borrowed without an await in between, so that a
+        # spawn of this server going on meanwhile never sees them
+        saved = (self.choice, self.job_cluster, self.job_tag, self.job_env_file, self.job_walltime_s)
         try:
             self.choice, self.job_cluster = choice, choice.cluster.name
             self.job_tag = "preview"
-            home = await self.user_home()
             self.job_env_file = os.path.join(self._format(self.job_run_dir, home), f"{self.job_tag}.env")
             return self.render_script(self.build_request(home))
         finally:
-            self.choice, self.job_cluster, self.job_tag, self.job_env_file = saved
+            self.choice, self.job_cluster, self.job_tag, self.job_env_file, self.job_walltime_s = saved
 
     # -- the pieces ---------------------------------------------------------------------------
     def make_runner(self) -> Runner:
@@ -528,21 +535,23 @@ class BatchSpawner(Spawner):
     def run_as(self) -> str | None:
         """The Unix account jobs run as (the directory's uid when the authenticator gave one), or None when
         the runner runs everything as the hub's user."""
-        if not self.adapter.runner.switches_user:
-            return None
-        return self.auth_state_account.name if self.auth_state_account else self.user.name
+        return self._account_on(self.adapter)
 
     def run_as_for(self, cluster: ClusterSpec) -> str | None:
-        if not self._cluster_adapter(cluster).runner.switches_user:
+        """run_as, for a job on `cluster`."""
+        return self._account_on(self._cluster_adapter(cluster))
+
+    def _account_on(self, adapter: Adapter) -> str | None:
+        if not adapter.runner.switches_user:
             return None
         return self.auth_state_account.name if self.auth_state_account else self.user.name
 
-    async def user_home(self) -> str:
-        """Home directory of the account the job runs as: the directory's, else NSS (which may itself be
-        LDAP: looked up off the event loop)."""
-        if self.auth_state_account is not None and self.run_as is not None:
+    async def user_home(self, cluster: ClusterSpec | None = None) -> str:
+        """Home directory of the account the job (on `cluster`, default this server's) runs as: the
+        directory's, else NSS (which may itself be LDAP: looked up off the event loop)."""
+        name = self.run_as_for(cluster) if cluster is not None else self.run_as
+        if self.auth_state_account is not None and name is not None:
             return self.auth_state_account.home
-        name = self.run_as
         entry = await asyncio.to_thread(pwd.getpwnam, name) if name else pwd.getpwuid(os.getuid())
         return entry.pw_dir
 
@@ -1157,12 +1166,11 @@ def _make_runner(name: str, cluster: ClusterSpec | None) -> Runner:
     return RUNNERS[name]()
 
 
-def _partition_cache(cluster: ClusterSpec, adapter: Any) -> PartitionCache:
+def _partition_cache(cluster: str, adapter: Adapter) -> PartitionCache:
     """The hub-wide partition cache of `cluster`, renewed when its adapter was (a changed configuration)."""
-    current = adapter()
-    known = _partition_caches.get(cluster.name)
-    if known is None or known[0] is not current:
-        _partition_caches[cluster.name] = known = (current, PartitionCache(current))
+    known = _partition_caches.get(cluster)
+    if known is None or known[0] is not adapter:
+        _partition_caches[cluster] = known = (adapter, PartitionCache(adapter))
     return known[1]
 
 

@@ -117,10 +117,3 @@ def _same(hub_gateway: HubGateway, settings: GatewaySettings) -> HubGateway:
                          f"settings ({hub_gateway.settings}); spawners sharing an address must agree")
     return hub_gateway
 
-
-async def close_all() -> None:
-    """Stop every gateway (tests; a hub that shuts down simply exits)."""
-    gateways = list(_gateways.values())
-    _gateways.clear()
-    for hub_gateway in gateways:
-        await hub_gateway.gateway.close()

@@ -338,9 +338,6 @@ def _catalog(reader: Reader, sections: Mapping[str, Any], config: Config) -> Cat
         return None
     if catalog.clusters:
         config.JupyterHub.spawner_class = "batchspawner.BatchSpawner"
-        # the jobs outlive the hub: stopping or restarting it (systemctl) must not cancel them; it adopts
-        # them when it starts again
-        config.JupyterHub.cleanup_servers = False
         config.BatchSpawner.clusters = {name: dict(table) for name, table in clusters.items()}
         config.BatchSpawner.profiles = as_list
         if not catalog.profiles:

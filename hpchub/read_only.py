@@ -8,12 +8,12 @@ through the filesystem: there the folder's own permissions decide.)
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from tornado import web
 
 
-def read_only_paths(environ: dict[str, str] | os._Environ) -> tuple[str, ...]:
+def read_only_paths(environ: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(p.strip("/") for p in environ.get("HPCHUB_READ_ONLY_PATHS", "").split(":") if p.strip("/"))
 
 
