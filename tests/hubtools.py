@@ -89,8 +89,8 @@ class Hub:
                 self.process.wait(timeout=10)
 
 
-def hub_config(extra: str, *, port: int, service_token: str, data_dir: Path) -> str:
-    """A jupyterhub_config.py with its own ports and data dir, an admin service for the tests, plus `extra`."""
+def own_ports(port: int, data_dir: Path) -> str:
+    """The start of a test hub's jupyterhub_config.py: its own ports and data dir; its servers stop with it."""
     return f"""
 c = get_config()  # noqa
 c.JupyterHub.bind_url = "http://127.0.0.1:{port}"
@@ -98,7 +98,12 @@ c.JupyterHub.hub_bind_url = "http://127.0.0.1:{free_port()}"
 c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{free_port()}"
 c.HpcHub.data_dir = {str(data_dir)!r}
 c.JupyterHub.cleanup_servers = True
-c.JupyterHub.services = [{{"name": "tester", "api_token": {service_token!r}}}]
+"""
+
+
+def hub_config(extra: str, *, port: int, service_token: str, data_dir: Path) -> str:
+    """A jupyterhub_config.py with its own ports and data dir, an admin service for the tests, plus `extra`."""
+    return own_ports(port, data_dir) + f"""c.JupyterHub.services = [{{"name": "tester", "api_token": {service_token!r}}}]
 c.JupyterHub.load_roles = [{{
     "name": "tester", "services": ["tester"],
     "scopes": ["admin:users", "admin:servers", "admin:server_state", "list:users", "read:users", "access:servers",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from hubtools import HUB_BIN, Browser, Hub, _hub_env, free_port, wait_for
+from hubtools import HUB_BIN, Browser, Hub, _hub_env, free_port, own_ports, wait_for
 from test_e2e_hub import PASSWORD, squeue_state
 
 ADMIN_PASSWORD = "hpchub-test-admin-password-of-32-characters"   # the shared-password authenticator's rule
@@ -39,14 +39,7 @@ defaults = { partition = "debug", cores = 1, memory = "500M", walltime = "00:10:
 
 def beside(port: int, data_dir: Path) -> str:
     """The jupyterhub_config.py beside the TOML file: the test's ports, a shared password, the groups."""
-    return f"""
-c = get_config()  # noqa
-c.JupyterHub.bind_url = "http://127.0.0.1:{port}"
-c.JupyterHub.hub_bind_url = "http://127.0.0.1:{free_port()}"
-c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{free_port()}"
-c.HpcHub.data_dir = {str(data_dir)!r}
-c.JupyterHub.cleanup_servers = True
-c.JupyterHub.authenticator_class = "shared-password"
+    return own_ports(port, data_dir) + f"""c.JupyterHub.authenticator_class = "shared-password"
 c.SharedPasswordAuthenticator.user_password = {PASSWORD!r}
 c.SharedPasswordAuthenticator.admin_password = {ADMIN_PASSWORD!r}
 c.JupyterHub.load_groups = {{"teachers101": {{"users": ["carol"]}}, "course101": {{"users": ["alice"]}}}}
