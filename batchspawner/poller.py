@@ -32,6 +32,8 @@ class _Entry:
     delay: float
     status: JobStatus | None = None
     updated: float = float("-inf")
+    #: when a caller last asked for this job sooner than its schedule (refresh, hurry)
+    asked: float = float("-inf")
 
 
 class JobPoller:
@@ -74,7 +76,8 @@ class JobPoller:
         self.track(job_id)
         entry = self._entries[job_id]
         entry.delay = self.fast_first
-        entry.due = min(entry.due, asyncio.get_running_loop().time() + self.fast_first)
+        entry.asked = asyncio.get_running_loop().time()
+        entry.due = min(entry.due, entry.asked + self.fast_first)
         self._wake.set()
 
     def untrack(self, job_id: str) -> None:
@@ -104,7 +107,8 @@ class JobPoller:
         loop = asyncio.get_running_loop()
         if entry.status is not None and loop.time() - entry.updated <= (self.interval if max_age is None else max_age):
             return entry.status
-        entry.due = min(entry.due, loop.time())
+        entry.asked = loop.time()
+        entry.due = min(entry.due, entry.asked)
         self._wake.set()
         return await self.next_update(job_id)
 
@@ -136,6 +140,7 @@ class JobPoller:
     async def _poll_once(self) -> None:
         loop = asyncio.get_running_loop()
         ids = list(self._entries)
+        started = loop.time()
         tick = self._next_tick()
         self._tick = None  # callers arriving during the query wait for the following tick
         try:
@@ -155,7 +160,9 @@ class JobPoller:
                 entry.delay = self.interval * (1 + random.uniform(-self.jitter, self.jitter))
             else:
                 entry.delay = min(entry.delay * 2, self.fast_max)
-            entry.due = now + entry.delay
+            if entry.asked <= started:
+                entry.due = now + entry.delay
+            # else a caller asked during the query: it waits for the next tick, not for the back-off
         if self.on_update is not None:
             try:
                 await self.on_update(statuses)

@@ -809,9 +809,12 @@ class BatchSpawner(Spawner):
 
     async def _write_job_files(self, log_dir: str) -> None:
         run_dir = os.path.dirname(self.job_env_file)
-        if log_dir:
-            await self._as_user(["mkdir", "-p", "--", log_dir], f"create the job log directory {log_dir}")
-        await self._as_user(["install", "-d", "-m", "700", "--", run_dir], f"create the private directory {run_dir}")
+        # two commands at once: each waits mostly for sudo, and mkdir -p tolerates a parent made meanwhile
+        await asyncio.gather(
+            self._as_user(["install", "-d", "-m", "700", "--", run_dir], f"create the private directory {run_dir}"),
+            *([self._as_user(["mkdir", "-p", "--", log_dir], f"create the job log directory {log_dir}")]
+              if log_dir else []),
+        )
         await self._write_env_file()
 
     async def _write_env_file(self) -> None:
@@ -953,7 +956,7 @@ class BatchSpawner(Spawner):
         last_reason = unavailable = None
         while True:
             try:
-                status = await asyncio.wait_for(self.poller.next_update(self.job_id), deadline - loop.time())
+                status = await asyncio.wait_for(self._next_status(), deadline - loop.time())
             except asyncio.TimeoutError:
                 raise SpawnException(
                     f"Job {self.job_id} waited {self.queue_timeout} s in the queue without starting"
@@ -971,6 +974,21 @@ class BatchSpawner(Spawner):
             if status.state == JobState.PENDING and status.reason != last_reason:
                 last_reason = status.reason
                 self._event(await self._queued_message(status), 20)
+
+    async def _next_status(self) -> JobStatus:
+        """The job's status from the poller's next tick, or at once when the job reports its port: a job
+        that reports runs, so its node is asked for now rather than at the next (backed-off) check."""
+        if self._port is None or self._port.done():
+            return await self.poller.next_update(self.job_id)
+        update = asyncio.ensure_future(self.poller.next_update(self.job_id))
+        try:
+            await asyncio.wait([update, self._port], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not update.done():
+                update.cancel()
+        if update.done() and not update.cancelled():
+            return update.result()
+        return await self.poller.refresh(self.job_id, max_age=0)
 
     async def _queued_message(self, status: JobStatus) -> str:
         """'Job 42 is queued (Priority): 3rd of 7 pending in debug; the scheduler expects it to start at

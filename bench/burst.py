@@ -6,10 +6,14 @@ a newly routed server is fetched through the proxy and counts as reachable when 
 A user left with no server (running or pending) after its spawn was accepted has failed; every user not
 reachable by the end (failed, refused other than with 429, or still waiting at the deadline) is an error. The rate is
 reachable servers / (last reachable - start).
+
+`scheduler_floor` is the same burst with no hub: every user's `sudo -u USER sbatch` at once, each job writing
+its first line's time. What Slurm and sudo alone take on this machine bounds what any hub can reach.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 from pathlib import Path
@@ -88,3 +92,42 @@ async def _burst(hub, users: list[str]) -> dict:
         "median_reachable_s": statistics.median(times) if times else None,
         "first_reachable_s": times[0] if times else None,
     }
+
+
+async def scheduler_floor(slurm: PrivateSlurm, users: list[str], homes: dict[str, Path], log) -> dict:
+    """All users submit at the same moment without a hub (`sudo -u USER env SLURM_CONF=... sbatch`, as both hubs
+    submit); the rate is jobs started / time until the last job's first line."""
+    markers = {name: homes[name] / ".bench-burst-floor" for name in users}
+    for marker in markers.values():
+        marker.unlink(missing_ok=True)
+    env = {**os.environ, **slurm.env()}
+    start = time.time()
+
+    async def submit(name: str) -> float:
+        process = await asyncio.create_subprocess_exec(
+            "sudo", "-n", "-u", name, "--", "env", f"SLURM_CONF={slurm.conf}", "sbatch", "--parsable",
+            "--output=/dev/null", f"--chdir={homes[name]}", "--wrap", f"date +%s.%N > {markers[name]}; sleep 600",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env)
+        _, stderr = await process.communicate()
+        if process.returncode:
+            raise RuntimeError(f"sbatch as {name} failed: {stderr.decode().strip()}")
+        return time.time() - start
+
+    submitted = await asyncio.gather(*(submit(name) for name in users))
+    started: dict[str, float] = {}
+    while len(started) < len(users):
+        if time.time() - start > DEADLINE_S:
+            raise TimeoutError(f"{len(users) - len(started)} plain sbatch jobs did not start within {DEADLINE_S} s")
+        for name, marker in markers.items():
+            if name not in started and marker.exists() and (text := marker.read_text().strip()):
+                started[name] = float(text) - start
+        await asyncio.sleep(0.1)
+    slurm.cancel_all()
+    for marker in markers.values():
+        marker.unlink(missing_ok=True)
+    times = sorted(started.values())
+    result = {"users": len(users), "all_submitted_s": max(submitted), "all_started_s": times[-1],
+              "median_started_s": statistics.median(times), "jobs_per_s": len(times) / times[-1]}
+    log(f"Slurm alone, {len(users)} sbatch at once: all submitted after {result['all_submitted_s']:.1f} s, all started "
+        f"after {result['all_started_s']:.1f} s = {result['jobs_per_s']:.1f} jobs/s")
+    return result

@@ -140,6 +140,12 @@ def markdown(results: dict) -> str:
                 out.append(f"| {stack} | {r['users']} | {r['reachable']} | {r['all_reachable_s']:.1f} s | "
                            f"{r['spawns_per_s']:.1f} | {r['median_reachable_s'] or float('nan'):.1f} s | {r['errors']} | "
                            f"{r['http_429']} |")
+        floor = bench.get("burst_floor")
+        if floor:
+            out += ["", f"Slurm alone, without a hub ({floor['users']} `sudo -u USER sbatch` at once, each job writing its "
+                    f"first line's time): all submitted after {floor['all_submitted_s']:.1f} s, all started after "
+                    f"{floor['all_started_s']:.1f} s = {floor['jobs_per_s']:.1f} jobs/s (median started after "
+                    f"{floor['median_started_s']:.1f} s): the most any hub could reach here."]
         if "baseline" in b:
             out += ["", f"hpchub / baseline spawn rate: {_ratio(b['baseline']['spawns_per_s'], b['hpchub']['spawns_per_s'])}."]
         h = b["hpchub"]

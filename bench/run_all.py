@@ -117,6 +117,9 @@ async def run(args: argparse.Namespace, slurm: PrivateSlurm, names: list[str], s
                 stack, users=names, spawns=args.overhead_spawns, workdir=args.workdir / "hubs" / f"overhead-{stack.name}",
                 **common)
     if "burst" in args.benchmarks:
+        burst_users = names[:args.burst_users]
+        bench["burst_floor"] = await burst.scheduler_floor(
+            slurm, burst_users, {name: Path(users.home(name)) for name in burst_users}, log)
         for stack in args.stacks:
             log(f"== burst: {stack.name}")
             bench.setdefault("burst", {})[stack.name] = await burst.burst(

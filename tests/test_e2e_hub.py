@@ -192,6 +192,23 @@ def scheduler_queries(hub: Hub) -> float:
     return float(match.group(1))
 
 
+def test_the_port_report_ends_the_wait_for_the_scheduler(hub_factory, slurm_cluster, test_users):
+    """A job that reports its port runs: the spawn goes on at once with one query for its node, instead of
+    waiting for the poller's next (backed-off) check, here set 10 minutes away."""
+    hub = hub_factory(LOGIN + 'c.JupyterHub.spawner_class = "slurm"\nc.SlurmSpawner.req_partition = "debug"\n'
+                      "c.BatchSpawner.job_poll_fast_first = 600\nc.BatchSpawner.job_poll_fast_max = 600\n"
+                      "c.BatchSpawner.job_poll_interval = 600\n")
+    browser = Browser(hub.url)
+    browser.login("alice", PASSWORD)
+    requested = time.monotonic()
+    server = spawn_until_ready(hub, browser, "alice", timeout=120)
+    print(f"ready {time.monotonic() - requested:.1f} s after the request")
+    assert squeue_state(server["state"]["job_id"]) == "RUNNING"
+    assert server["state"]["job_host"], server["state"]
+    assert scheduler_queries(hub) == 1  # the one asked when the port arrived
+    assert_reachable_through_proxy(browser, "alice")
+
+
 RESTART = LOGIN + """
 c.JupyterHub.spawner_class = "slurm"
 c.JupyterHub.allow_named_servers = True

@@ -90,6 +90,42 @@ async def test_pending_jobs_back_off_and_running_jobs_wait_the_interval(local_co
         poller.untrack(job)
 
 
+class SlowQueries(CountingRunner):
+    """Every scheduler query takes `delay` seconds longer, so that callers can arrive while one runs."""
+
+    def __init__(self, inner, delay: float):
+        super().__init__(inner)
+        self.delay = delay
+        self.querying = asyncio.Event()
+
+    async def run(self, argv, **kwargs):
+        if "query" in argv:
+            self.querying.set()
+            await asyncio.sleep(self.delay)
+        return await super().run(argv, **kwargs)
+
+
+@pytest.mark.asyncio
+async def test_a_refresh_during_a_query_is_served_by_the_next_query_not_after_the_back_off(spool):
+    """A job that reports its port while a tick's query runs: its spawn asks for a fresh status then, and the
+    query that was already running must not push that request back to the job's (doubled) next check."""
+    runner = SlowQueries(LocalRunner(), delay=0.3)
+    adapter = LocalAdapter(runner, spool_dir=spool, python=sys.executable, kill_grace_s=1)
+    [job] = await submit(adapter, spool, "sleep 60", 1)
+    poller = JobPoller(adapter, interval=60, fast_first=0.05, fast_max=60, jitter=0.0)
+    try:
+        poller.track(job)
+        await runner.querying.wait()       # the first tick's query is running
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        await poller.refresh(job, max_age=0)
+        assert loop.time() - asked < 2.0, "the refresh waited for the job's back-off"
+        assert queries(runner) == 2
+    finally:
+        await adapter.cancel([job])
+        poller.untrack(job)
+
+
 @pytest.mark.asyncio
 async def test_untracked_jobs_leave_the_query_and_the_loop_stops(local_counting, spool):
     adapter, runner = local_counting
