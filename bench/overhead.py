@@ -8,6 +8,7 @@ One spawn at a time (each a new user), on an otherwise idle hub:
   overhead  = total - job side: everything that is not the job starting its server (the hub's submission,
               the scheduler starting the job, the hub noticing that it runs and that the server is up, the
               route), as the issue defines it.
+The hub's own share (request -> sbatch returned, port report -> route) is read from its log (bench/hublog.py).
 Clocks: the job runs on this host, so its timestamps and the benchmark's share one clock.
 
 The overhead so defined includes what Slurm itself takes from a submission to the job's first line, which
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 from cluster import PrivateSlurm
+from hublog import spawn_phases
 from stacks import Stack, kill_hub, start_hub
 
 REACH_TIMEOUT_S = 120
@@ -60,7 +62,8 @@ async def overhead(stack: Stack, *, slurm: PrivateSlurm, users: list[str], spawn
         slurm.cancel_all()
     result = {"stack": stack.name, "spawns": len(samples), "samples": samples,
               **{f"{key}_median": statistics.median(s[key] for s in samples) for key in samples[0]},
-              **{f"{key}_p95": _p95([s[key] for s in samples]) for key in samples[0]}}
+              **{f"{key}_p95": _p95([s[key] for s in samples]) for key in samples[0]},
+              "hub_log": spawn_phases(workdir / "hub.log")}
     log(f"{stack.name}: overhead median {result['overhead_s_median']:.3f} s, p95 {result['overhead_s_p95']:.3f} s "
         f"(total {result['total_s_median']:.3f} s, job side {result['job_side_s_median']:.3f} s)")
     return result

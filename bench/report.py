@@ -110,21 +110,28 @@ def markdown(results: dict) -> str:
                 out.append(f"| {stack} | {r['total_s_median']:.3f} s | {r['job_side_s_median']:.3f} s | "
                            f"{r['overhead_s_median']:.3f} s | {r['overhead_s_p95']:.3f} s | "
                            f"{r['to_job_start_s_median']:.3f} s | {r['listening_to_reachable_s_median']:.3f} s |")
+        phases = {st: o[st]["hub_log"] for st in ("hpchub", "baseline") if o.get(st, {}).get("hub_log", {}).get("spawns")}
+        if phases:
+            out += ["", "From each hub's log (bench/hublog.py), medians: the hub's own time is request -> sbatch returned "
+                    "plus port report -> route added; between them Slurm starts the job and the server reports.", "",
+                    "| stack | request -> sbatch returned | sbatch returned -> port report | port report -> route | hub's own time |",
+                    "| --- | ---: | ---: | ---: | ---: |"]
+            out += [f"| {st} | {p['request_to_submitted_s_median']:.3f} s | {p['submitted_to_reported_s_median']:.3f} s | "
+                    f"{p['reported_to_routed_s_median']:.3f} s | {p['hub_own_s_median']:.3f} s |" for st, p in phases.items()]
         floor = bench.get("scheduler_floor")
-        net = ""
         if floor:
-            out += ["", f"Slurm alone, without a hub (`sudo -u USER sbatch` -> the job's first line, {floor['count']} jobs): "
-                    f"median {floor['median_s']:.3f} s, p95 {floor['p95_s']:.3f} s. Overhead net of it (median): "
-                    + ", ".join(f"{st} {o[st]['overhead_s_median'] - floor['median_s']:.3f} s" for st in ("hpchub", "baseline") if st in o)
-                    + "."]
-            net = f" ({o['hpchub']['overhead_s_median'] - floor['median_s']:.3f} s net of Slurm's own submit -> start)"
-        goals.append(("hub overhead <= 0.3 s median", f"{o['hpchub']['overhead_s_median']:.3f} s{net}",
+            out += ["", f"Slurm alone, without a hub (`sudo -u USER sbatch --wrap` -> the job's first line, {floor['count']} jobs, "
+                    f"one after another): median {floor['median_s']:.3f} s, p95 {floor['p95_s']:.3f} s."]
+        own = {st: f"; the hub's own time {p['hub_own_s_median']:.3f} s" for st, p in phases.items()}
+        goals.append(("hub overhead <= 0.3 s median", f"{o['hpchub']['overhead_s_median']:.3f} s{own.get('hpchub', '')}",
                       _yes(o["hpchub"]["overhead_s_median"] <= 0.3)))
         if "baseline" in o:
             out += ["", f"Baseline / hpchub overhead: median {_ratio(o['hpchub']['overhead_s_median'], o['baseline']['overhead_s_median'])}, "
                     f"p95 {_ratio(o['hpchub']['overhead_s_p95'], o['baseline']['overhead_s_p95'])}."]
             goals.append(("overhead <= half the baseline's (median)",
-                          f"{o['hpchub']['overhead_s_median']:.3f} s vs {o['baseline']['overhead_s_median']:.3f} s",
+                          f"{o['hpchub']['overhead_s_median']:.3f} s vs {o['baseline']['overhead_s_median']:.3f} s"
+                          + (f" (the hubs' own time: {phases['hpchub']['hub_own_s_median']:.3f} s vs "
+                             f"{phases['baseline']['hub_own_s_median']:.3f} s)" if len(phases) == 2 else ""),
                           _yes(o["hpchub"]["overhead_s_median"] <= o["baseline"]["overhead_s_median"] / 2)))
         out.append("")
 
