@@ -809,12 +809,12 @@ class BatchSpawner(Spawner):
 
     async def _write_job_files(self, log_dir: str) -> None:
         run_dir = os.path.dirname(self.job_env_file)
-        # two commands at once: each waits mostly for sudo, and mkdir -p tolerates a parent made meanwhile
-        await asyncio.gather(
-            self._as_user(["install", "-d", "-m", "700", "--", run_dir], f"create the private directory {run_dir}"),
-            *([self._as_user(["mkdir", "-p", "--", log_dir], f"create the job log directory {log_dir}")]
-              if log_dir else []),
-        )
+        making = [self._as_user(["install", "-d", "-m", "700", "--", run_dir],
+                                f"create the private directory {run_dir}")]
+        if log_dir:
+            making.append(self._as_user(["mkdir", "-p", "--", log_dir], f"create the job log directory {log_dir}"))
+        # at once: each waits mostly for sudo, and mkdir -p tolerates a parent made meanwhile
+        await asyncio.gather(*making)
         await self._write_env_file()
 
     async def _write_env_file(self) -> None:

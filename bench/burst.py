@@ -105,8 +105,7 @@ async def scheduler_floor(slurm: PrivateSlurm, users: list[str], homes: dict[str
 
     async def submit(name: str) -> float:
         process = await asyncio.create_subprocess_exec(
-            "sudo", "-n", "-u", name, "--", "env", f"SLURM_CONF={slurm.conf}", "sbatch", "--parsable",
-            "--output=/dev/null", f"--chdir={homes[name]}", "--wrap", f"date +%s.%N > {markers[name]}; sleep 600",
+            *slurm.timestamp_job(name, homes[name], markers[name]),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env)
         _, stderr = await process.communicate()
         if process.returncode:

@@ -150,6 +150,12 @@ class PrivateSlurm:
     def env(self) -> dict[str, str]:
         return {"SLURM_CONF": str(self.conf)}
 
+    def timestamp_job(self, user: str, home: Path, marker: Path) -> list[str]:
+        """argv submitting, as `user` and with no hub, a job whose first line writes the time into `marker`:
+        `sudo -n -u USER env SLURM_CONF=... sbatch`, as both hubs submit."""
+        return ["sudo", "-n", "-u", user, "--", "env", f"SLURM_CONF={self.conf}", "sbatch", "--parsable",
+                "--output=/dev/null", f"--chdir={home}", "--wrap", f"date +%s.%N > {marker}; sleep 600"]
+
     def run(self, *argv: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=check,
                               env={**os.environ, **self.env()})

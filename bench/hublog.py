@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import re
 import statistics
+from datetime import datetime
 from pathlib import Path
 
-TIME = re.compile(r"^\[\w (\d{4}-\d\d-\d\d) (\d\d):(\d\d):(\d\d\.\d+)")
+TIME = re.compile(r"^\[\w (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)")
 SPAWN_DONE = re.compile(r"20[12] POST /hub/api/users/(\w+)/server \(.*?\) ([\d.]+)ms")
 PORT_REPORT = re.compile(r"20[01] POST /hub/api/batchspawner \((\w+)@.*?\) ([\d.]+)ms")
 HPCHUB_SUBMITTED = re.compile(r"Submitted job \S+ for (\w+)")
@@ -24,10 +25,7 @@ UPSTREAM_SUBMITTED = "Job submitted. output:"
 
 def _seconds(line: str) -> float | None:
     match = TIME.match(line)
-    if not match:
-        return None
-    _, hours, minutes, seconds = match.groups()
-    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    return datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S.%f").timestamp() if match else None
 
 
 def spawn_phases(log: Path) -> dict:

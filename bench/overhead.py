@@ -77,9 +77,8 @@ def scheduler_floor(slurm: PrivateSlurm, user: str, home: Path, count: int = 10)
     for _ in range(count):
         marker.unlink(missing_ok=True)
         t0 = time.time()
-        subprocess.run(["sudo", "-n", "-u", user, "--", "env", f"SLURM_CONF={slurm.conf}", "sbatch", "--parsable",
-                        "--output=/dev/null", f"--chdir={home}", "--wrap", f"date +%s.%N > {marker}; sleep 60"],
-                       check=True, capture_output=True, timeout=60, env={**os.environ, **slurm.env()})
+        subprocess.run(slurm.timestamp_job(user, home, marker), check=True, capture_output=True, timeout=60,
+                       env={**os.environ, **slurm.env()})
         deadline = time.monotonic() + 60
         while not (marker.exists() and marker.read_text().strip()):
             if time.monotonic() > deadline:
